@@ -1,0 +1,5 @@
+import sys
+
+from fluidlm.cli import main
+
+sys.exit(main())

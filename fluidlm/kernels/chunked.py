@@ -1,0 +1,90 @@
+"""Chunked Differential Attention in pure PyTorch: the CPU path and the fallback anywhere Triton
+is missing. O(N·C) time and memory for chunk size C; never builds an N×N tensor.
+
+Within a chunk the log-decay is cumulated locally (`b_t = Σ_{j≤t in chunk} g_j`), so every
+applied factor exp(b_t - b_i), exp(b_t), exp(b_last - b_i) is ≤ 1; across chunks the state
+(S and z, z as an extra column of v) is passed in fp32. The bidirectional form adds the
+anti-causal sum as a strictly-causal scan over the reversed sequence whose decay is shifted by
+one token (the factor for i > t is Π_{j=t+1..i} a_j: it includes the source's decay, not the
+target's). Documents (`cu_seqlens`) are segment masks: a token never reads another segment, and
+the passed state is dropped at a segment start.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fluidlm.kernels.common import accumulation_dtype, feature_map_fn, input_weight, segment_ids
+
+
+def chunked_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=64):
+    acc = accumulation_dtype(q.dtype)
+    n = q.shape[-2]
+    dv = v.shape[-1]
+    fq = feature_map_fn(q.to(acc), feature_map)
+    g = g.to(acc)
+    kb = feature_map_fn(k.to(acc), feature_map) * input_weight(g)[..., None]  # β_i φ(k_i)
+    v_aug = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
+    seg = segment_ids(cu_seqlens, n, q.device)
+
+    num = decayed_causal_scan(fq, kb, v_aug, g, seg, chunk_size, strict=False)
+    if not causal:
+        # Reversed position m reads decay g[N - m]; m = 0 (the last token) has no successor.
+        g_next = torch.cat([g[..., 1:], torch.zeros_like(g[..., :1])], dim=-1)
+        flip = lambda x, dim=2: torch.flip(x, dims=(dim,))  # noqa: E731
+        anti = decayed_causal_scan(
+            flip(fq), flip(kb), flip(v_aug), flip(g_next), None if seg is None else flip(seg, 1),
+            chunk_size, strict=True,
+        )
+        num = num + flip(anti)
+    return num[..., :dv] / (num[..., dv:] + eps)
+
+
+def decayed_causal_scan(q, k, v, g, seg, chunk_size, *, strict):
+    """o_t = Σ_{i≤t (i<t if strict), same segment} exp(Σ_{j=i+1..t} g_j) (q_t·k_i) v_i.
+
+    q, k: (B, H, N, d); v: (B, H, N, e); g: (B, H, N) ≤ 0; seg: (1 or B, N) or None.
+    """
+    b, h, n, d = q.shape
+    e = v.shape[-1]
+    c = chunk_size
+    pad = (-n) % c
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = F.pad(g, (0, pad))
+        if seg is not None:
+            seg = F.pad(seg, (0, pad), value=-1)
+    nc = (n + pad) // c
+    q, k, v = (x.reshape(b, h, nc, c, x.shape[-1]) for x in (q, k, v))
+    bcum = g.reshape(b, h, nc, c).cumsum(-1)  # local cumulative log-decay, ≤ 0, non-increasing
+
+    # Intra-chunk: masked matmul with decay matrix exp(b_t - b_i).
+    visible = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1 if strict else 0)
+    if seg is not None:
+        seg = seg.reshape(seg.shape[0], 1, nc, c)
+        visible = visible & (seg[..., :, None] == seg[..., None, :])
+    log_decay = (bcum[..., :, None] - bcum[..., None, :]).masked_fill(~visible, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_decay)
+    out = scores @ v
+
+    # Inter-chunk: each chunk's contribution to the state, then a sequential scan over chunks.
+    to_end = torch.exp(bcum[..., -1:] - bcum)  # (B, H, nc, C)
+    carry = torch.exp(bcum[..., -1])  # (B, H, nc)
+    from_start = torch.exp(bcum)
+    if seg is not None:
+        last = seg[..., -1]  # (·, 1, nc): segment of each chunk's last token
+        prev_last = torch.cat([torch.full_like(last[..., :1], -2), last[..., :-1]], dim=-1)
+        to_end = to_end * (seg == last[..., None])
+        carry = carry * (last == prev_last)
+        from_start = from_start * (seg == prev_last[..., None])
+    contrib = (k * to_end[..., None]).transpose(-1, -2) @ v  # (B, H, nc, d, e)
+
+    state = q.new_zeros(b, h, d, e)
+    states = []
+    for i in range(nc):
+        states.append(state)
+        state = carry[:, :, i, None, None] * state + contrib[:, :, i]
+    states = torch.stack(states, dim=2)
+    out = out + (q * from_start[..., None]) @ states
+    return out.reshape(b, h, nc * c, e)[:, :, :n]

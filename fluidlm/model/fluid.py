@@ -1,0 +1,115 @@
+"""The Fluid Transformer (DESIGN.md §3):
+
+    embed → PDE diffusion → L × FluidBlock → RMSNorm → LM head (tied to embed)
+    FluidBlock(x): x = x + DA(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+
+`attention="softmax"` swaps DA for SDPA + RoPE and changes nothing else: that is the baseline.
+Plain PyTorch; parallelism enters only through the layer factory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fluidlm.model.attention import DifferentialAttentionLayer, SoftmaxAttentionLayer
+from fluidlm.model.config import ModelConfig
+from fluidlm.model.pde import PDEDiffusion
+from fluidlm.parallel.layers import DenseLayers
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int, layers, init_std: float, out_init_std: float):
+        super().__init__()
+        self.gate = layers.column_linear(d_model, hidden, init_std=init_std)
+        self.up = layers.column_linear(d_model, hidden, init_std=init_std)
+        self.down = layers.row_linear(hidden, d_model, init_std=out_init_std)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class FluidBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layers):
+        super().__init__()
+        out_init_std = config.init_std / math.sqrt(2 * config.n_layers)  # GPT-2: residual writers shrink
+        attention = DifferentialAttentionLayer if config.attention == "da" else SoftmaxAttentionLayer
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = attention(config, layers, out_init_std)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ffn = SwiGLU(config.d_model, config.ffn_size, layers, config.init_std, out_init_std)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cu_seqlens))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class FluidLM(nn.Module):
+    def __init__(self, config: ModelConfig, layers=None):
+        super().__init__()
+        layers = layers or DenseLayers()
+        config.check_tensor_parallel(layers.tp_size)
+        self.config = config
+        self.embed = layers.embedding(config.vocab_size, config.d_model, init_std=config.init_std)
+        p = config.pde
+        self.pde = (
+            PDEDiffusion(config.d_model, p.scales, p.steps, config.causal, p.theta_init, layers, config.init_std)
+            if p.enabled else None
+        )
+        self.blocks = nn.ModuleList(FluidBlock(config, layers) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        # Recompute each block in backward instead of storing its activations (long contexts).
+        self.activation_checkpointing = False
+
+    def hidden_states(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, N, d_model), before the LM head."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be a 2-D integer tensor (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
+        x = self.embed(tokens)
+        if self.pde is not None:
+            x = self.pde(x, cu_seqlens)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, N, vocab) — the local vocabulary shard under tensor parallelism."""
+        return F.linear(self.hidden_states(tokens, cu_seqlens), self.embed.weight)
+
+    def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean"):
+        """Cross-entropy of `targets` (B, N; -100 = ignore) without materialising all logits:
+        the head and the loss run over chunks of tokens, each recomputed in backward."""
+        hidden = self.hidden_states(tokens, cu_seqlens).flatten(0, 1)
+        return chunked_cross_entropy(hidden, self.embed.weight, targets.flatten(), chunk_tokens, reduction)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _chunk_loss_sum(hidden, weight, targets):
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean"):
+    """Σ or mean of CE over tokens; peak memory holds one chunk of logits, not N × vocab."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, hidden[sl], weight, targets[sl], use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(hidden[sl], weight, targets[sl])
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (targets != -100).sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

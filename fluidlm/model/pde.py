@@ -1,0 +1,65 @@
+"""Adaptive multi-scale PDE diffusion along the sequence, right after the embedding (DESIGN.md §2).
+
+    u^{k+1} = u^k + Σ_{s∈S} D_s(u^k) ⊙ L_s(u^k)
+    causal (one-sided):  L_s(u)_t = u_{t-s} - u_t
+    bidirectional:       L_s(u)_t = u_{t-s} - 2 u_t + u_{t+s}
+    D_s(u)_{t,c} = (C/|S|) · sigmoid(θ_{s,c} + (W u_t)_s),   C = 1 causal, 1/2 bidirectional
+
+Since Σ_s D_s ≤ C, every step writes each channel of u_t as a convex combination of values of u:
+the layer is non-expansive in the max-norm whatever θ and W are. Indices past a document's
+ends read the end token itself (Neumann), so no document reads another.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STENCILS = ("one_sided", "symmetric")
+
+
+def document_bounds(n: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last index of each token's document, each (N,)."""
+    positions = torch.arange(n, device=device)
+    if cu_seqlens is None:
+        return torch.zeros_like(positions), torch.full_like(positions, n - 1)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    doc = torch.searchsorted(cu, positions, right=True) - 1
+    return cu[doc], cu[doc + 1] - 1
+
+
+class PDEDiffusion(nn.Module):
+    def __init__(self, d_model: int, scales: list[int], steps: int, causal: bool, theta_init: float, layers, init_std: float):
+        super().__init__()
+        self.scales = list(scales)
+        self.steps = steps
+        # The stencil is its own attribute (not re-derived from `causal`) so a test can plant the
+        # symmetric stencil in a causal model and check that the causality test catches the leak.
+        self.stencil = "one_sided" if causal else "symmetric"
+        self.bound = 1.0 if causal else 0.5  # C: keeps Σ_s D_s inside the CFL bound
+        self.theta = nn.Parameter(torch.full((len(self.scales), d_model), float(theta_init)))
+        self.rate = layers.replicated_linear(d_model, len(self.scales), bias=False, init_std=init_std)
+
+    def forward(self, u: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        n = u.shape[1]
+        first, last = document_bounds(n, cu_seqlens, u.device)
+        positions = torch.arange(n, device=u.device)
+        for _ in range(self.steps):
+            u = u + self.increment(u, positions, first, last)
+        return u
+
+    def increment(self, u, positions, first, last):
+        # (B, N, |S|, C): per scale, channel and token, strictly inside (0, bound/|S|).
+        strength = (self.bound / len(self.scales)) * torch.sigmoid(self.theta + self.rate(u)[..., None])
+        total = torch.zeros_like(u)
+        for i, s in enumerate(self.scales):
+            behind = u[:, torch.maximum(positions - s, first)]
+            if self.stencil == "one_sided":
+                laplacian = behind - u
+            elif self.stencil == "symmetric":
+                ahead = u[:, torch.minimum(positions + s, last)]
+                laplacian = behind - 2 * u + ahead
+            else:
+                raise ValueError(f"unknown stencil {self.stencil!r}; choose one of {STENCILS}")
+            total = total + strength[:, :, i] * laplacian
+        return total
