@@ -171,3 +171,24 @@ def test_bad_tokens_raise():
     model = FluidLM(tiny())
     with pytest.raises(ValueError, match="2-D integer"):
         model(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("windows", [[(0, 70)], [(0, 1), (1, 2), (2, 70)], [(0, 2), (2, 9), (9, 40), (40, 70)]])
+def test_streaming_equals_full_context(windows):
+    torch.manual_seed(0)
+    model = FluidLM(tiny(pde={"theta_init": 0.0, "steps": 2, "scales": [1, 3, 5]})).eval()
+    tokens = torch.randint(0, 97, (2, 70))
+    with torch.no_grad():
+        full = model(tokens)
+        state, outs = None, []
+        for s, e in windows:
+            logits, state = model.forward_stream(tokens[:, s:e], state)
+            outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("over", [dict(attention="softmax"), dict(direction="bidirectional")])
+def test_streaming_refuses_models_it_cannot_stream(over):
+    model = FluidLM(tiny(**over))
+    with pytest.raises(ValueError, match="streaming"):
+        model.forward_stream(torch.zeros(1, 4, dtype=torch.long))

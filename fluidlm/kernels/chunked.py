@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from fluidlm.kernels.common import accumulation_dtype, feature_map_fn, input_weight, segment_ids
 
 
-def chunked_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=64):
+def chunked_differential_attention(
+    q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=64, initial_state=None, return_state=False
+):
+    """`initial_state` / `return_state` (causal, no documents): the (B, H, d, dv+1) fp32 state
+    (S and z side by side) carried in from earlier tokens and out to later ones: streaming."""
+    if (initial_state is not None or return_state) and (not causal or cu_seqlens is not None):
+        raise ValueError("state passing needs the causal form without cu_seqlens")
     acc = accumulation_dtype(q.dtype)
     n = q.shape[-2]
     dv = v.shape[-1]
@@ -28,21 +34,23 @@ def chunked_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_s
     v_aug = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     seg = segment_ids(cu_seqlens, n, q.device)
 
-    num = decayed_causal_scan(fq, kb, v_aug, g, seg, chunk_size, strict=False)
+    num, state = decayed_causal_scan(fq, kb, v_aug, g, seg, chunk_size, strict=False, initial_state=initial_state)
     if not causal:
         # Reversed position m reads decay g[N - m]; m = 0 (the last token) has no successor.
         g_next = torch.cat([g[..., 1:], torch.zeros_like(g[..., :1])], dim=-1)
         flip = lambda x, dim=2: torch.flip(x, dims=(dim,))  # noqa: E731
-        anti = decayed_causal_scan(
+        anti, _ = decayed_causal_scan(
             flip(fq), flip(kb), flip(v_aug), flip(g_next), None if seg is None else flip(seg, 1),
             chunk_size, strict=True,
         )
         num = num + flip(anti)
-    return num[..., :dv] / (num[..., dv:] + eps)
+    o = num[..., :dv] / (num[..., dv:] + eps)
+    return (o, state) if return_state else o
 
 
-def decayed_causal_scan(q, k, v, g, seg, chunk_size, *, strict):
-    """o_t = Σ_{i≤t (i<t if strict), same segment} exp(Σ_{j=i+1..t} g_j) (q_t·k_i) v_i.
+def decayed_causal_scan(q, k, v, g, seg, chunk_size, *, strict, initial_state=None):
+    """o_t = Σ_{i≤t (i<t if strict), same segment} exp(Σ_{j=i+1..t} g_j) (q_t·k_i) v_i
+    (+ exp(Σ_{j≤t} g_j) q_t·S_0 with an initial state S_0). Returns (o, state after the last token).
 
     q, k: (B, H, N, d); v: (B, H, N, e); g: (B, H, N) ≤ 0; seg: (1 or B, N) or None.
     """
@@ -80,11 +88,12 @@ def decayed_causal_scan(q, k, v, g, seg, chunk_size, *, strict):
         from_start = from_start * (seg == prev_last[..., None])
     contrib = (k * to_end[..., None]).transpose(-1, -2) @ v  # (B, H, nc, d, e)
 
-    state = q.new_zeros(b, h, d, e)
+    state = q.new_zeros(b, h, d, e) if initial_state is None else initial_state.to(q.dtype)
     states = []
     for i in range(nc):
         states.append(state)
         state = carry[:, :, i, None, None] * state + contrib[:, :, i]
     states = torch.stack(states, dim=2)
     out = out + (q * from_start[..., None]) @ states
-    return out.reshape(b, h, nc * c, e)[:, :, :n]
+    # Padding has g = 0 and k = 0, so the final state is the state after the last real token.
+    return out.reshape(b, h, nc * c, e)[:, :, :n], state

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluidlm.kernels import differential_attention
+from fluidlm.kernels.chunked import chunked_differential_attention
 from fluidlm.model.config import ModelConfig
 from fluidlm.parallel.layers import local_slice
 
@@ -80,6 +81,24 @@ class DifferentialAttentionLayer(nn.Module):
             cu_seqlens=cu_seqlens, chunk_size=c.chunk_size,
         )
         return self.out(o.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+
+    def forward_stream(self, x: torch.Tensor, state=None):
+        """Causal streaming over consecutive windows of one sequence: returns (out, state), where
+        state = (the last FLOW_CONV_WIDTH-1 inputs, the DA state (B, H, d, dv+1))."""
+        if not self.config.causal:
+            raise ValueError("streaming needs the causal direction")
+        prefix, da_state = (x[:, :0], None) if state is None else state
+        b, n, _ = x.shape
+        window = torch.cat([prefix, x], dim=1)
+        q, k, v = self.qkv(x).view(b, n, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        g = -(self.flow(window, None)[:, -n:] * F.softplus(self.rho)).transpose(1, 2)
+        c = self.config
+        o, da_state = chunked_differential_attention(
+            q, k, v, g, causal=True, feature_map=c.feature_map, eps=c.da_eps, cu_seqlens=None,
+            chunk_size=c.chunk_size, initial_state=da_state, return_state=True,
+        )
+        out = self.out(o.to(x.dtype).transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        return out, (window[:, -(FLOW_CONV_WIDTH - 1):], da_state)
 
 
 def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:

@@ -48,6 +48,11 @@ class FluidBlock(nn.Module):
         x = x + self.dropout(self.attn(self.attn_norm(x), cu_seqlens))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
+    def forward_stream(self, x: torch.Tensor, state=None):
+        attn, state = self.attn.forward_stream(self.attn_norm(x), state)
+        x = x + self.dropout(attn)
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), state
+
 
 class FluidLM(nn.Module):
     def __init__(self, config: ModelConfig, layers=None):
@@ -83,6 +88,29 @@ class FluidLM(nn.Module):
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, N, vocab) — the local vocabulary shard under tensor parallelism."""
         return F.linear(self.hidden_states(tokens, cu_seqlens), self.embed.weight)
+
+    def forward_stream(self, tokens: torch.Tensor, state=None):
+        """Score one window of a longer sequence, carrying everything earlier windows left behind
+        (DA states, flow-conv and PDE neighbours) in `state`: logits equal the full-context
+        forward's, in memory constant in the sequence length. Causal DA models only.
+
+            state = None
+            for window in windows:
+                logits, state = model.forward_stream(window, state)
+        """
+        if self.config.attention != "da" or not self.config.causal:
+            raise ValueError("streaming needs a causal DA model (attention='da', direction='causal')")
+        state = state or {"pde": None, "blocks": [None] * len(self.blocks)}
+        x = self.embed(tokens)
+        pde_state = None
+        if self.pde is not None:
+            x, pde_state = self.pde.forward_stream(x, state["pde"])
+        block_states = []
+        for block, block_state in zip(self.blocks, state["blocks"]):
+            x, block_state = block.forward_stream(x, block_state)
+            block_states.append(block_state)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, {"pde": pde_state, "blocks": block_states}
 
     def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean"):
         """Cross-entropy of `targets` (B, N; -100 = ignore) without materialising all logits:

@@ -48,6 +48,22 @@ class PDEDiffusion(nn.Module):
             u = u + self.increment(u, positions, first, last)
         return u
 
+    def forward_stream(self, u: torch.Tensor, prefixes=None):
+        """Causal streaming over consecutive windows: returns (u after K steps, state), where the
+        state keeps the last max(S) tokens of every level u^0 … u^{K-1}, so each step sees the
+        same neighbours as in one full-length pass."""
+        if self.stencil != "one_sided":
+            raise ValueError("streaming needs the causal (one-sided) stencil")
+        n, keep = u.shape[1], max(self.scales)
+        prefixes = prefixes or [u[:, :0]] * self.steps
+        new_prefixes = []
+        for prefix in prefixes:
+            full = torch.cat([prefix, u], dim=1)
+            positions = torch.arange(full.shape[1], device=u.device)
+            u = (full + self.increment(full, positions, torch.zeros_like(positions), positions[-1:]))[:, -n:]
+            new_prefixes.append(full[:, -keep:])
+        return u, new_prefixes
+
     def increment(self, u, positions, first, last):
         # (B, N, |S|, C): per scale, channel and token, strictly inside (0, bound/|S|).
         strength = (self.bound / len(self.scales)) * torch.sigmoid(self.theta + self.rate(u)[..., None])
