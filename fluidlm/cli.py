@@ -15,6 +15,7 @@ import sys
 # (subcommand, module that registers it). Order is the order shown in --help.
 SUBCOMMANDS = [
     ("info", "fluidlm.info"),
+    ("data", "fluidlm.data.cli"),
 ]
 
 

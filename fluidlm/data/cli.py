@@ -1,0 +1,126 @@
+"""`fluidlm data …`: build the default corpus, train the tokenizer, write shards, or all three."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _report(title: str, data: dict) -> None:
+    print(f"{title}:")
+    for key, value in data.items():
+        if key != "shards":
+            print(f"  {key}: {value}")
+
+
+def cmd_corpus(args) -> int:
+    from fluidlm.data.corpus import write_default_corpus
+
+    report = write_default_corpus(Path(args.out))
+    _report(f"default corpus (this interpreter's standard library) → {args.out}/{{train,val}}.jsonl", report)
+    return 0
+
+
+def _documents(inputs):
+    from fluidlm.data.corpus import ReadStats, count_lines_for_report, iter_documents
+
+    stats = ReadStats()
+    docs = list(iter_documents(inputs, stats))
+    print(f"read {count_lines_for_report(stats)}")
+    return docs
+
+
+def cmd_tokenizer(args) -> int:
+    from fluidlm.data.tokenizer import train_tokenizer
+
+    _report("tokenizer", train_tokenizer(_documents(args.input), args.vocab_size, Path(args.out)))
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from fluidlm.data.shards import write_shards
+
+    manifest = write_shards(_documents(args.input), Path(args.tokenizer), args.seq_len, Path(args.out),
+                            args.samples_per_shard, args.workers)
+    _report(f"shards → {args.out}", manifest)
+    print(f"  shards: {len(manifest['shards'])}; tokens/s: {manifest['tokens_per_s']:,.0f}")
+    return 0
+
+
+def prepare(out: Path, vocab_size: int = 4096, seq_len: int = 512, workers: int = 2) -> dict:
+    """corpus → tokenizer (train split only) → train and val shards, skipping what is up to date."""
+    from fluidlm.data.corpus import iter_documents, write_default_corpus
+    from fluidlm.data.shards import load_manifest, write_shards
+    from fluidlm.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+
+    corpus, tok = out / "corpus", out / "tokenizer.model"
+    if not (corpus / "train.jsonl").exists():
+        _report("corpus", write_default_corpus(corpus))
+    if not tok.exists() or load_tokenizer(tok).get_piece_size() != vocab_size:
+        _report("tokenizer", train_tokenizer(iter_documents([str(corpus / "train.jsonl")]), vocab_size, tok))
+    result = {}
+    for split in ("train", "val"):
+        shard_dir = out / split
+        manifest_path = shard_dir / "manifest.json"
+        if manifest_path.exists():
+            m = json.loads(manifest_path.read_text())
+            if m.get("seq_len") == seq_len and m.get("tokenizer_sha256") == file_sha256(tok):
+                result[split] = load_manifest(manifest_path)
+                print(f"{split} shards up to date: {m['total_samples']} samples of {seq_len + 1} tokens")
+                continue
+        m = write_shards(iter_documents([str(corpus / f"{split}.jsonl")]), tok, seq_len, shard_dir, workers=workers)
+        print(f"{split} shards: {m['total_samples']} samples, {m['total_tokens']:,} tokens, {m['tokens_per_s']:,.0f} tokens/s")
+        result[split] = m
+    return result
+
+
+def cmd_prepare(args) -> int:
+    prepare(Path(args.out), args.vocab_size, args.seq_len, args.workers)
+    print(f"data ready in {args.out}: train/manifest.json, val/manifest.json, tokenizer.model")
+    return 0
+
+
+def _guard(fn):
+    def run(args):
+        from fluidlm.data import DataError
+
+        try:
+            return fn(args)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="corpus, tokenizer and shards",
+                              description="Build the data FluidLM trains on. Inputs (--input) may be text files, "
+                                          "folders (recursive), globs or .jsonl files with a 'text' field.")
+    sub = p.add_subparsers(dest="data_command", metavar="STEP", required=True)
+
+    c = sub.add_parser("corpus", help="the default corpus: this interpreter's standard library, no download")
+    c.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
+    c.set_defaults(func=_guard(cmd_corpus))
+
+    t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer (byte fallback: exact round trip)")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out", required=True, help="path of the .model file to write")
+    t.set_defaults(func=_guard(cmd_tokenizer))
+
+    s = sub.add_parser("shards", help="tokenize and write webdataset shards of packed sequences + manifest.json")
+    s.add_argument("--input", nargs="+", required=True)
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--seq-len", type=int, required=True, help="training context; samples hold seq-len + 1 tokens")
+    s.add_argument("--out", required=True)
+    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    s.set_defaults(func=_guard(cmd_shards))
+
+    r = sub.add_parser("prepare", help="corpus → tokenizer → train/val shards in one go (skips what is up to date)")
+    r.add_argument("--out", default="data/default", help="folder for corpus/, tokenizer.model, train/, val/")
+    r.add_argument("--vocab-size", type=int, default=4096)
+    r.add_argument("--seq-len", type=int, default=512)
+    r.add_argument("--workers", type=int, default=2)
+    r.set_defaults(func=_guard(cmd_prepare))
