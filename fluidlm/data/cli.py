@@ -23,11 +23,11 @@ def cmd_corpus(args) -> int:
 
 
 def _documents(inputs):
-    from fluidlm.data.corpus import ReadStats, count_lines_for_report, iter_documents
+    from fluidlm.data.corpus import ReadStats, describe, iter_documents
 
     stats = ReadStats()
     docs = list(iter_documents(inputs, stats))
-    print(f"read {count_lines_for_report(stats)}")
+    print(f"read {describe(stats)}")
     return docs
 
 

@@ -106,35 +106,34 @@ def iter_documents(inputs: list[str], stats: ReadStats | None = None):
                 paths.append(p)
             else:
                 raise DataError(f"input {str(p)!r} does not exist")
+    for text in _texts(paths, stats):
+        if not text:
+            stats.empty_skipped += 1
+            continue
+        stats.documents += 1
+        stats.characters += len(text)
+        yield text
+
+
+def _texts(paths: list[Path], stats: ReadStats):
     for p in paths:
-        if p.suffix == ".jsonl":
-            with open(p, encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise DataError(f"{p}:{lineno}: not a JSON object with a 'text' field ({exc})") from None
-                    if "\ufffd" in text:
-                        stats.replaced_bytes_docs.append(f"{p}:{lineno}")
-                    if not text:
-                        stats.empty_skipped += 1
-                        continue
-                    stats.documents += 1
-                    stats.characters += len(text)
-                    yield text
-        else:
-            text = read_text(p, stats)
-            if not text:
-                stats.empty_skipped += 1
-                continue
-            stats.documents += 1
-            stats.characters += len(text)
-            yield text
+        if p.suffix != ".jsonl":
+            yield read_text(p, stats)
+            continue
+        with open(p, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DataError(f"{p}:{lineno}: not a JSON object with a 'text' field ({exc})") from None
+                if "\ufffd" in text:
+                    stats.replaced_bytes_docs.append(f"{p}:{lineno}")
+                yield text
 
 
-def count_lines_for_report(stats: ReadStats) -> str:
+def describe(stats: ReadStats) -> str:
     msg = f"{stats.documents} documents, {stats.characters:,} characters"
     if stats.empty_skipped:
         msg += f", {stats.empty_skipped} empty documents skipped"
