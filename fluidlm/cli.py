@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = [
     ("info", "fluidlm.info"),
     ("data", "fluidlm.data.cli"),
+    ("train", "fluidlm.train.cli"),
 ]
 
 

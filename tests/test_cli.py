@@ -4,7 +4,8 @@ import sys
 
 def test_help_lists_the_subcommands():
     out = subprocess.run([sys.executable, "-m", "fluidlm", "--help"], capture_output=True, text=True, check=True)
-    assert "info" in out.stdout
+    for command in ("info", "data", "train"):
+        assert command in out.stdout
 
 
 def test_info_reports_backends():

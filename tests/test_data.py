@@ -6,7 +6,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fluidlm.data import DataError

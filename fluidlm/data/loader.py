@@ -12,10 +12,12 @@ batches in worker processes, in the same order.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 import torch
 
 from fluidlm.data import DataError
@@ -97,6 +99,10 @@ class ShardLoader:
             batches = iter(torch.utils.data.DataLoader(
                 self.source, batch_size=None, sampler=range(first, 1 << 62), num_workers=self.num_workers,
                 multiprocessing_context="fork", prefetch_factor=2, persistent_workers=False,
+                # A DataLoader otherwise draws its workers' base seed from the global torch RNG,
+                # which would shift the training dropout stream of a resumed run by one draw.
+                generator=torch.Generator().manual_seed(self.identity["seed"]),
+                worker_init_fn=_own_process_group,
             ))
         for batch in batches:
             self.position += 1
@@ -111,3 +117,10 @@ class ShardLoader:
             # dp_size changes re-deal the samples: resuming a different layout is not exact, say so.
             raise DataError(f"loader state was saved with different settings {mismatched} (saved, now)")
         self.position = int(state["position"])
+
+
+def _own_process_group(worker_id: int) -> None:
+    """torchrun (and a terminal's Ctrl-C) signal the whole process group, and a DataLoader worker
+    dies on a SIGTERM that does not come from its parent, which would abort the training step
+    instead of letting the training process finish it and save. Workers still exit with it."""
+    os.setpgrp()

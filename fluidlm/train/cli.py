@@ -1,0 +1,97 @@
+"""`fluidlm train --config FILE [--resume auto|PATH] [section.key=value ...]`
+
+One process: `fluidlm train --config configs/tiny-cpu.yaml`.
+Many: `torchrun --nproc-per-node=N -m fluidlm.train --config ...` (same arguments).
+
+Everything that can be checked before a process group exists is checked first (config schema,
+data folder, checkpoint to resume): a bad config fails in about a second with exit code 2 and a
+message naming the field, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_CONFIG = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--resume", metavar="auto|PATH", default=None,
+                   help="auto: continue from this run's newest complete checkpoint (start fresh if there is none); "
+                        "PATH: a checkpoint folder (step_*), a checkpoints/ folder or a run folder. "
+                        "Load only checkpoints you trust: DeepSpeed's files are pickles")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, values parsed as YAML (train.steps=200 model.n_layers=4); "
+                        "with `fluidlm train` put them after the options")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train (or resume) a model from a YAML config; torchrun for many processes",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def prepare(args: argparse.Namespace):
+    """Validate everything that needs no process group. Returns (config, checkpoint or None)."""
+    from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
+    from fluidlm.train.config import load_config, preflight
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        return config, None
+    preflight(config)
+    resume_from = resolve_resume(args.resume, config.checkpoint_dir)  # checks the checkpoint is complete
+    if args.resume is None and complete_checkpoints(config.checkpoint_dir):
+        raise CheckpointError(f"train.run_dir={config.train.run_dir!r} already holds checkpoints; pass --resume auto "
+                              "to continue that run, or choose another train.run_dir")
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if meta["world_size"] != world:
+            raise CheckpointError(f"{resume_from} was saved by {meta['world_size']} processes, this run has {world}: "
+                                  "exact resume needs the same layout (universal checkpoints for layout changes are "
+                                  "not wired in yet)")
+        if meta["step"] >= config.train.steps:
+            raise CheckpointError(f"{resume_from} is at step {meta['step']}, already at train.steps={config.train.steps}; "
+                                  "raise train.steps to train further")
+    return config, resume_from
+
+
+def run(args: argparse.Namespace) -> int:
+    from fluidlm.data import DataError
+    from fluidlm.train.checkpoint import CheckpointError
+    from fluidlm.train.config import ConfigError, dump_yaml
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        config, resume_from = prepare(args)
+    except (ConfigError, CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
+
+    from fluidlm.train.loop import shutdown, train
+
+    try:
+        code = train(config, resume_from)
+    except (DataError, CheckpointError) as exc:  # found after start-up (e.g. a corrupt shard or checkpoint file)
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    # Only a normal return reaches the barrier: after an exception the other ranks may be inside
+    # another collective, and torchrun ends them when this process exits non-zero.
+    shutdown()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluidlm.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_intermixed_args(argv))  # overrides may come before or after the options

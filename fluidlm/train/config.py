@@ -1,0 +1,289 @@
+"""The training run's typed configuration: one YAML file, dotted overrides, strict validation.
+
+    config = load_config("configs/tiny-cpu.yaml", ["train.steps=200", "model.n_layers=4"])
+
+Sections: `model` (the model's own `ModelConfig`), `data`, `train`, `optim`, `checkpoint`,
+`logging`, `parallel`. Unknown keys are rejected with the closest valid name; every field is
+documented below, where it is defined. Loading imports no torch-distributed/DeepSpeed/MLflow
+code, so a bad config fails in about a second, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from fluidlm.model.config import ModelConfig, StrictModel
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field (`section.key`) and the fix."""
+
+
+class DataConfig(StrictModel):
+    """Where the prepared data lives (`fluidlm data prepare --out DIR`) and how it is read."""
+
+    dir: str = Field(
+        ..., description="folder made by `fluidlm data prepare` (holds train/, val/ and tokenizer.model); "
+                         "relative paths are relative to the current directory")
+    train_split: str = Field("train", description="sub-folder of data.dir with the training shards and manifest.json")
+    val_split: str = Field("val", description="sub-folder of data.dir with the validation shards")
+    seq_len: int = Field(
+        ..., ge=1, description="training context in tokens; must equal the --seq-len the shards were built with "
+                               "and be at most model.max_seq_len")
+    num_workers: int = Field(0, ge=0, le=64, description="loader worker processes per rank (0 = read in the training process)")
+
+
+class TrainConfig(StrictModel):
+    """The run: where it writes, how long it is, batch shape, precision, seeds."""
+
+    run_dir: str = Field(
+        "runs/run", description="the run folder: config.yaml, metrics.jsonl and checkpoints/ go here; its parent "
+                                "holds the default MLflow store (mlflow.db)")
+    steps: int = Field(..., ge=1, description="optimizer steps of the whole run (the LR schedule spans these)")
+    stop_at: int | None = Field(
+        None, ge=1, description="stop after this step with a checkpoint, although train.steps is larger "
+                                "(staged runs: the LR schedule still follows train.steps); null = run to the end")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward/backward")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step; global batch = "
+                                                 "micro_batch_size × grad_accum × data-parallel size")
+    seed: int = Field(0, description="seed of the model init, dropout and the data order")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward instead of storing its activations (long contexts)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on CUDA (fp32 master weights and grad accumulation), fp32 on CPU")
+    loss_chunk_tokens: int = Field(8192, ge=1, description="tokens per chunk of the LM head + cross-entropy "
+                                                           "(bounds the logits held in memory)")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per process; null = CPU cores / processes on this node")
+    peak_tflops: float = Field(
+        989.0, gt=0, description="peak dense TFLOP/s of ONE device, the denominator of the MFU estimate "
+                                 "(H100 SXM bf16: 989; H200: 989; a 2-core CPU: ~0.1)")
+    debug_nan_at_step: int | None = Field(
+        None, ge=1, description="debug switch: make the loss NaN at this step (tests the NaN stop); null = off")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warm-up then cosine decay; gradient clipping."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of optim.lr (cosine floor)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps from lr/warmup_steps to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay; never applied to biases, norm "
+                                                       "weights, DA's rho, the flow-encoder bias or the PDE theta")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW β2")
+    eps: float = Field(1e-8, gt=0, description="AdamW ε")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient 2-norm to this (0 = off)")
+    rho_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of DA's per-head ρ (λ = softplus(ρ)), "
+                                                       "so the relaxation rates adapt within a short run")
+    torch_adam: bool = Field(
+        True, description="use torch.optim.AdamW inside DeepSpeed (no compiled ops, works everywhere); false = "
+                          "DeepSpeed's FusedAdam on CUDA, which JIT-compiles a CUDA op (needs nvcc and ninja)")
+
+
+class CheckpointConfig(StrictModel):
+    """Training checkpoints (DESIGN.md §5): DeepSpeed state + client state, written atomically."""
+
+    every: int = Field(1000, ge=0, description="save every this many steps (0 = only at the end, at train.stop_at "
+                                               "and on SIGTERM/SIGINT)")
+    keep: int = Field(3, ge=1, description="keep the newest this many checkpoints, delete older ones")
+
+
+class LoggingConfig(StrictModel):
+    """metrics.jsonl, the progress bar and MLflow (rank 0 only)."""
+
+    every: int = Field(1, ge=1, description="log metrics every this many steps (metrics.jsonl and MLflow)")
+    progress: bool = Field(True, description="show a tqdm progress bar with loss and tokens/s on rank 0")
+    mlflow: bool = Field(True, description="log params, metrics and artifacts to MLflow")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir parent>/mlflow.db")
+    experiment: str = Field("fluidlm", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; null = the run folder's name")
+
+
+class ParallelConfig(StrictModel):
+    """world = PP × DP × TP (DESIGN.md §4); DP is what is left of the world after TP and PP."""
+
+    tp: int = Field(1, ge=1, description="tensor-parallel size (heads split across ranks); only 1 is wired into training yet")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size; only 1 is wired into training yet")
+    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage for data parallelism (2 and 3 need pp = 1)")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
+
+
+class Config(StrictModel):
+    """A whole training run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model (fluidlm/model/config.py)")
+    data: DataConfig = Field(..., description="prepared data")
+    train: TrainConfig = Field(..., description="run length, batch, precision, seed")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and LR schedule")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="training checkpoints")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="metrics, progress bar, MLflow")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="parallel layout")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is above model.max_seq_len={self.model.max_seq_len} "
+                             "(the longest context the model is built for); lower data.seq_len or raise model.max_seq_len")
+        self.model.check_tensor_parallel(self.parallel.tp)
+        if self.parallel.zero_stage > 1 and self.parallel.pp > 1:
+            raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage} needs parallel.pp=1 (DeepSpeed's pipeline "
+                             "engine supports ZeRO stage 0 or 1 only)")
+        for name in ("tp", "pp"):
+            if getattr(self.parallel, name) != 1:
+                raise ValueError(f"parallel.{name}={getattr(self.parallel, name)}: only parallel.{name}=1 is wired into "
+                                 "training so far; use 1")
+        if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
+            raise ValueError(f"train.stop_at={self.train.stop_at} is after train.steps={self.train.steps}")
+        if self.train.debug_nan_at_step is not None and self.train.debug_nan_at_step > self.train.steps:
+            raise ValueError(f"train.debug_nan_at_step={self.train.debug_nan_at_step} is after train.steps={self.train.steps}")
+        return self
+
+    # --- derived paths -------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def manifest_path(self, split: str | None = None) -> Path:
+        return Path(self.data.dir) / (split or self.data.train_split) / "manifest.json"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """["train.steps=200", "model.pde.scales=[1, 4]"] → [(["train", "steps"], 200), ...]; values are YAML scalars."""
+    import yaml
+
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=200)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field as `section.key`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] != "value_error" and not isinstance(err.get("input"), dict):
+            msg += f" (got {err.get('input')!r})"
+        unknown = re.match(r"unknown key '(.+?)' in \w+(.*)", msg)
+        if unknown:  # "optim.lr2: unknown key; did you mean 'lr'?"
+            key = f"{loc}.{unknown.group(1)}" if loc else unknown.group(1)
+            lines.append(f"{key}: unknown key{unknown.group(2)}")
+        else:
+            lines.append(f"{loc}: {msg}" if loc else msg)  # root-level checks name their fields themselves
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Raises ConfigError naming the field."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        close = difflib.get_close_matches(path.name, [p.name for p in Path("configs").glob("*.yaml")], n=1)
+        hint = f"; did you mean configs/{close[0]}?" if close else ""
+        raise ConfigError(f"config file {str(path)!r} not found{hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, data:, train:, ...)")
+    return build_config(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"d_model": 8}} → {"model.d_model": 8} (lists stay values)."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple]:
+    """Flattened keys whose values differ: {key: (old, new)}."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)}
+
+
+def preflight(config: Config) -> dict:
+    """Checks that need the file system, still before any process group: the data is there and
+    matches the config. Returns the training manifest. Raises ConfigError naming the field."""
+    data_dir = Path(config.data.dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"data.dir={config.data.dir!r} does not exist; build it with "
+                          f"`fluidlm data prepare --out {config.data.dir}` or point data.dir at a prepared folder")
+    manifest_path = config.manifest_path()
+    if not manifest_path.is_file():
+        raise ConfigError(f"data.dir={config.data.dir!r} has no {config.data.train_split}/manifest.json "
+                          f"(data.train_split={config.data.train_split!r}); run `fluidlm data prepare --out {config.data.dir}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        shard_seq_len = int(manifest["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"data.dir: {str(manifest_path)!r} is not a shard manifest ({exc}); rebuild the data") from None
+    if shard_seq_len != config.data.seq_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} but the shards in {str(manifest_path.parent)!r} hold "
+                          f"sequences of {shard_seq_len} tokens; set data.seq_len={shard_seq_len} or rebuild the data "
+                          f"with --seq-len {config.data.seq_len}")
+    vocab = manifest.get("vocab_size")
+    if vocab is not None and int(vocab) > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({vocab}, from {str(manifest_path)!r}); set model.vocab_size={vocab}")
+    return manifest

@@ -1,0 +1,229 @@
+"""The training loop, top to bottom:
+
+    init process group → seed → model → DeepSpeed engine → loader → (resume) → MLflow →
+    for each step: grad_accum × (batch → forward → NaN check → backward → step) → log → save
+    → final save → close
+
+Stops cleanly: at train.steps, at train.stop_at, or on SIGTERM/SIGINT (finish the current step,
+save, exit 0). A NaN/inf loss stops the run before its gradients touch the weights, saves the
+last good step (exit code 3). All ranks agree on when to stop: the stop flag and the loss are
+all-reduced together every micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fluidlm.train import checkpoint as ckpt
+from fluidlm.train.config import Config, config_diff
+from fluidlm.train.engine import (batch_to_inputs, build_engine, flops_per_token, init_distributed,
+                                  seed_everything)
+from fluidlm.train.tracking import Tracker
+
+EXIT_OK, EXIT_NAN = 0, 3
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits. A second signal
+    restores the default handler, so pressing Ctrl-C twice kills at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    tokens: int = 0        # training tokens seen (all ranks)
+    mlflow_run_id: str | None = None
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
+
+
+def train(config: Config, resume_from=None) -> int:
+    """Run (or continue) training. `resume_from`: a complete checkpoint folder or None.
+    Returns the exit code. Works in a world of one or under torchrun."""
+    from fluidlm.data.loader import ShardLoader
+    from fluidlm.model import FluidLM
+
+    dist_info = init_distributed(config)
+    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    t = config.train
+
+    # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
+    seed_everything(t.seed)
+    model = FluidLM(config.model)
+    num_params = model.num_parameters()  # before ZeRO-3 partitions the weights
+    engine = build_engine(config, model, dist_info)
+    # Dropout differs per rank, reproducibly.
+    seed_everything(t.seed + 1000003 * rank)
+
+    loader = ShardLoader(config.manifest_path(), dp_rank=rank, dp_size=world, micro_batch_size=t.micro_batch_size,
+                         seed=t.seed, num_workers=config.data.num_workers)
+    progress, rank_state = Progress(), None
+    if resume_from is not None:
+        meta, rank_state = ckpt.load(engine, resume_from)
+        progress = Progress(step=meta["step"], tokens=meta["tokens"], mlflow_run_id=meta.get("mlflow_run_id"))
+        loader.load_state_dict(rank_state["loader"])
+        changed = {k: v for k, v in config_diff(meta["config"], config.to_dict()).items()
+                   if not k.startswith(("train.stop_at", "train.debug_nan_at_step", "logging.", "checkpoint."))}
+        if main:
+            print(f"resuming from {resume_from} (step {progress.step}, {progress.tokens:,} tokens)", flush=True)
+            for key, (old, new) in changed.items():
+                print(f"WARNING: {key} was {old!r} in the checkpoint, now {new!r}", file=sys.stderr, flush=True)
+
+    batches = iter(loader)
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+
+    tracker = Tracker(config, enabled=main)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world * config.data.seq_len
+    progress.mlflow_run_id = tracker.start(
+        progress.mlflow_run_id, progress.step if resume_from else None,
+        {"run.world_size": world, "run.num_parameters": num_params, "run.tokens_per_step": tokens_per_step,
+         "run.device": str(dist_info.device), "run.backend": dist_info.backend},
+    ) if main else None
+    if main:
+        print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} ({dist_info.backend}, "
+              f"{dist_info.device.type}) | {tokens_per_step:,} tokens/step | MLflow {tracker.uri}", flush=True)
+
+    flops_token = flops_per_token(config, num_params)
+    last_step = t.stop_at or t.steps
+    bar = None
+    if main and config.logging.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def save(step_progress: Progress, loader_state: dict, rng: dict) -> None:
+        meta = {"step": step_progress.step, "tokens": step_progress.tokens,
+                "mlflow_run_id": step_progress.mlflow_run_id, "zero_stage": config.parallel.zero_stage,
+                "config": config.to_dict()}
+        ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},
+                  config.checkpoint.keep)
+
+    exit_code, status, last_saved = EXIT_OK, "FINISHED", progress.step if resume_from else None
+    engine.train()
+    stop = StopRequest().install()
+    try:
+        while progress.step < last_step:
+            # The state at this step boundary: a NaN in this step saves exactly this.
+            boundary = (Progress(**vars(progress)), loader.state_dict(), ckpt.rng_state())
+            step_start = time.perf_counter()
+            loss_sum, stop_votes, nan = 0.0, 0.0, False
+            for _ in range(t.grad_accum):
+                inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device)
+                loss = engine(inputs, targets, cu_seqlens)
+                if t.debug_nan_at_step == progress.step + 1:
+                    loss = loss * float("nan")
+                # One small all-reduce: mean loss over ranks and "did any rank get a stop signal".
+                shared = torch.stack([loss.detach().double(),
+                                      torch.tensor(1.0 if stop.signal else 0.0, dtype=torch.float64, device=loss.device)])
+                dist.all_reduce(shared)
+                if not math.isfinite(shared[0].item()):
+                    nan = True
+                    break
+                loss_sum += shared[0].item() / world
+                stop_votes = max(stop_votes, shared[1].item())
+                engine.backward(loss)
+                engine.step()
+            if nan:
+                good, loader_state, rng = boundary
+                if last_saved != good.step and good.step > 0:
+                    save(good, loader_state, rng)
+                    last_saved = good.step
+                if main:
+                    where = (f"the checkpoint of the last good step {good.step} is {config.checkpoint_dir / ckpt.tag_for(good.step)}"
+                             if good.step > 0 else "no step completed, so there is no checkpoint")
+                    print(f"\nERROR: the loss is not finite (NaN/inf) at step {good.step + 1}; training stopped before "
+                          f"applying that step; {where}. Lower optim.lr or check the data, then continue with --resume auto.",
+                          file=sys.stderr, flush=True)
+                exit_code, status = EXIT_NAN, "FAILED"
+                break
+
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            step_time = time.perf_counter() - step_start
+            loss_value = loss_sum / t.grad_accum
+            tokens_per_s = tokens_per_step / step_time
+            if progress.step % config.logging.every == 0 or progress.step == last_step:
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "loss": loss_value,
+                    "perplexity": math.exp(min(loss_value, 50.0)),
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops_token * tokens_per_s / (t.peak_tflops * 1e12 * world),
+                    "peak_mem_mib": peak_memory_mib(dist_info.device),
+                    "tokens": progress.tokens,
+                    "step_time_s": step_time,
+                }
+                tracker.log(progress.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+            stopping = stop_votes > 0
+            if stopping or progress.step == last_step or (
+                    config.checkpoint.every and progress.step % config.checkpoint.every == 0):
+                save(progress, loader.state_dict(), ckpt.rng_state())
+                last_saved = progress.step
+            if stopping:
+                if main:
+                    print(f"\nstopped by a signal after step {progress.step}; checkpoint saved in "
+                          f"{config.checkpoint_dir / ckpt.tag_for(progress.step)}; continue with --resume auto",
+                          file=sys.stderr, flush=True)
+                status = "KILLED"
+                break
+        else:
+            if progress.step < t.steps:
+                status = "KILLED"  # train.stop_at: resumable
+                if main:
+                    print(f"\nstopped at train.stop_at={t.stop_at}; continue with --resume auto", file=sys.stderr, flush=True)
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        stop.uninstall()
+        tracker.finish(status)
+    if main:
+        print(f"done: step {progress.step}/{t.steps}, run folder {config.run_dir}", flush=True)
+    return exit_code
+
+
+def shutdown() -> None:
+    """End every process together: barrier, then destroy the group (gloo may abort otherwise)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
