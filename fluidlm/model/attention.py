@@ -15,7 +15,6 @@ from torch import nn
 from fluidlm.kernels import differential_attention
 from fluidlm.kernels.chunked import chunked_differential_attention
 from fluidlm.model.config import ModelConfig
-from fluidlm.parallel.layers import local_slice
 
 FLOW_CONV_WIDTH = 4
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1  <=>  x = log(e - 1)
@@ -67,7 +66,7 @@ class DifferentialAttentionLayer(nn.Module):
         # Fused QKV laid out (head, q|k|v, head_dim) so a column split keeps whole heads per rank.
         self.qkv = layers.column_linear(config.d_model, 3 * inner, init_std=config.init_std)
         self.flow = FlowEncoder(config.d_model, config.n_heads, layers, config.init_std)
-        self.rho = nn.Parameter(initial_rho(config.n_heads, config.max_seq_len)[local_slice(config.n_heads, layers)])
+        self.rho = layers.sliced_parameter(initial_rho(config.n_heads, config.max_seq_len), dim=0)  # this rank's heads
         self.out = layers.row_linear(inner, config.d_model, init_std=out_init_std)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

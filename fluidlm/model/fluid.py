@@ -60,6 +60,7 @@ class FluidLM(nn.Module):
         layers = layers or DenseLayers()
         config.check_tensor_parallel(layers.tp_size)
         self.config = config
+        self.parallel = layers  # the LM head and its loss are vocabulary-parallel under TP
         self.embed = layers.embedding(config.vocab_size, config.d_model, init_std=config.init_std)
         p = config.pde
         self.pde = (
@@ -87,7 +88,7 @@ class FluidLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, N, vocab) — the local vocabulary shard under tensor parallelism."""
-        return F.linear(self.hidden_states(tokens, cu_seqlens), self.embed.weight)
+        return self.parallel.lm_logits(self.hidden_states(tokens, cu_seqlens), self.embed.weight)
 
     def forward_stream(self, tokens: torch.Tensor, state=None):
         """Score one window of a longer sequence, carrying everything earlier windows left behind
@@ -109,33 +110,30 @@ class FluidLM(nn.Module):
         for block, block_state in zip(self.blocks, state["blocks"]):
             x, block_state = block.forward_stream(x, block_state)
             block_states.append(block_state)
-        logits = F.linear(self.norm(x), self.embed.weight)
+        logits = self.parallel.lm_logits(self.norm(x), self.embed.weight)
         return logits, {"pde": pde_state, "blocks": block_states}
 
     def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean"):
         """Cross-entropy of `targets` (B, N; -100 = ignore) without materialising all logits:
         the head and the loss run over chunks of tokens, each recomputed in backward."""
         hidden = self.hidden_states(tokens, cu_seqlens).flatten(0, 1)
-        return chunked_cross_entropy(hidden, self.embed.weight, targets.flatten(), chunk_tokens, reduction)
+        return chunked_cross_entropy(hidden, self.embed.weight, targets.flatten(), chunk_tokens, reduction, self.parallel)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def _chunk_loss_sum(hidden, weight, targets):
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-
-
-def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean"):
-    """Σ or mean of CE over tokens; peak memory holds one chunk of logits, not N × vocab."""
+def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean", layers=None):
+    """Σ or mean of CE over tokens; peak memory holds one chunk of logits, not N × vocab.
+    `layers` (the model's layer factory) computes each chunk's loss: vocabulary-parallel under TP."""
+    loss_sum = (layers or DenseLayers()).lm_loss_sum
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled() and hidden.requires_grad:
-            total = total + checkpoint(_chunk_loss_sum, hidden[sl], weight, targets[sl], use_reentrant=False)
+            total = total + checkpoint(loss_sum, hidden[sl], weight, targets[sl], use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(hidden[sl], weight, targets[sl])
+            total = total + loss_sum(hidden[sl], weight, targets[sl])
     if reduction == "sum":
         return total
     if reduction == "mean":

@@ -9,6 +9,8 @@ except through `tp_size`/`tp_rank`, which tell it how many heads are local and w
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,6 +36,18 @@ class DenseLayers:
         nn.init.normal_(emb.weight, std=init_std)
         return emb
 
+    def sliced_parameter(self, full: torch.Tensor, dim: int = 0) -> nn.Parameter:
+        """A per-head parameter (e.g. DA's ρ) given whole: this TP rank's slice along `dim`."""
+        return nn.Parameter(full.chunk(self.tp_size, dim=dim)[self.tp_rank].clone())
+
+    def lm_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Logits of the LM head tied to the embedding (this rank's vocabulary shard under TP)."""
+        return F.linear(hidden, weight)
+
+    def lm_loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ cross-entropy over tokens (targets -100 ignored), full-vocabulary softmax."""
+        return F.cross_entropy(self.lm_logits(hidden, weight).float(), targets, ignore_index=-100, reduction="sum")
+
 
 def _normal_linear(in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Linear:
     layer = nn.Linear(in_features, out_features, bias=bias)
@@ -43,10 +57,4 @@ def _normal_linear(in_features: int, out_features: int, bias: bool, init_std: fl
     return layer
 
 
-def local_slice(total: int, layers) -> slice:
-    """This TP rank's contiguous share of `total` items (heads, FFN units, vocabulary rows)."""
-    per_rank = total // layers.tp_size
-    return slice(layers.tp_rank * per_rank, (layers.tp_rank + 1) * per_rank)
-
-
-__all__ = ["DenseLayers", "local_slice"]
+__all__ = ["DenseLayers"]

@@ -94,12 +94,16 @@ def problems(path: Path) -> list[str]:
         return [f"{CLIENT_JSON} is missing (the save did not finish)"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"{CLIENT_JSON} is unreadable ({exc})"]
-    stage = meta.get("zero_stage", 0)
-    # ZeRO-3 shards the weights too: one model-states file per rank instead of one in all.
-    expected = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 else \
-        ["mp_rank_00_model_states.pt"]
+    stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
+    dp = world // (tp * pp)
+    # DeepSpeed's names: one model-states file per TP rank (ZeRO-3: per DP rank too), one optimizer
+    # shard per (DP rank, TP rank).
+    if stage == 3:
+        expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(tp)]
+    else:
+        expected = [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp)]
     if stage > 0:
-        expected += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+        expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp) for m in range(tp)]
     expected += [f"client/rank_{r:05d}.pt" for r in range(world)]
     missing = [name for name in expected if not (path / name).is_file()]
     return [f"missing {m}" for m in missing]

@@ -38,24 +38,31 @@ def register(subparsers) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no process group. Returns (config, checkpoint or None)."""
+    from fluidlm.parallel.topology import Layout
     from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
-    from fluidlm.train.config import load_config, preflight
+    from fluidlm.train.config import ConfigError, load_config, preflight
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
         return config, None
     preflight(config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        Layout.from_world(world, config.parallel.tp, config.parallel.pp)
+    except ValueError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
     resume_from = resolve_resume(args.resume, config.checkpoint_dir)  # checks the checkpoint is complete
     if args.resume is None and complete_checkpoints(config.checkpoint_dir):
         raise CheckpointError(f"train.run_dir={config.train.run_dir!r} already holds checkpoints; pass --resume auto "
                               "to continue that run, or choose another train.run_dir")
     if resume_from is not None:
         meta = read_meta(resume_from)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if meta["world_size"] != world:
-            raise CheckpointError(f"{resume_from} was saved by {meta['world_size']} processes, this run has {world}: "
-                                  "exact resume needs the same layout (universal checkpoints for layout changes are "
-                                  "not wired in yet)")
+        saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1))
+        if saved != (world, config.parallel.tp, config.parallel.pp):
+            raise CheckpointError(f"{resume_from} was saved with world {saved[0]} (tp {saved[1]}, pp {saved[2]}), this run "
+                                  f"has world {world} (tp {config.parallel.tp}, pp {config.parallel.pp}): exact resume "
+                                  "needs the same layout; to change it, convert the checkpoint first "
+                                  "(`fluidlm checkpoint convert`, see README)")
         if meta["step"] >= config.train.steps:
             raise CheckpointError(f"{resume_from} is at step {meta['step']}, already at train.steps={config.train.steps}; "
                                   "raise train.steps to train further")

@@ -110,7 +110,9 @@ class LoggingConfig(StrictModel):
 class ParallelConfig(StrictModel):
     """world = PP × DP × TP (DESIGN.md §4); DP is what is left of the world after TP and PP."""
 
-    tp: int = Field(1, ge=1, description="tensor-parallel size (heads split across ranks); only 1 is wired into training yet")
+    tp: int = Field(1, ge=1, description="tensor-parallel size: DA heads (with their λ and Δ rows), the FFN hidden size and "
+                                         "the vocabulary are split across this many ranks (megatron-core layers); "
+                                         "must divide model.n_heads, the FFN size and model.vocab_size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size; only 1 is wired into training yet")
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage for data parallelism (2 and 3 need pp = 1)")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
@@ -136,10 +138,8 @@ class Config(StrictModel):
         if self.parallel.zero_stage > 1 and self.parallel.pp > 1:
             raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage} needs parallel.pp=1 (DeepSpeed's pipeline "
                              "engine supports ZeRO stage 0 or 1 only)")
-        for name in ("tp", "pp"):
-            if getattr(self.parallel, name) != 1:
-                raise ValueError(f"parallel.{name}={getattr(self.parallel, name)}: only parallel.{name}=1 is wired into "
-                                 "training so far; use 1")
+        if self.parallel.pp != 1:
+            raise ValueError(f"parallel.pp={self.parallel.pp}: only parallel.pp=1 is wired into training so far; use 1")
         if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
             raise ValueError(f"train.stop_at={self.train.stop_at} is after train.steps={self.train.steps}")
         if self.train.debug_nan_at_step is not None and self.train.debug_nan_at_step > self.train.steps:

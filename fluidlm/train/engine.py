@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluidlm.parallel.topology import Layout
 from fluidlm.train.config import Config
 
 
@@ -34,6 +35,15 @@ class DistInfo:
     device: torch.device
     backend: str
     created_group: bool  # we created the process group (so we destroy it at exit)
+    layout: Layout       # world = PP × DP × TP
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)["dp"]
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.layout.tp * self.layout.pp > 1
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +86,12 @@ def init_distributed(config: Config) -> DistInfo:
     created = not dist.is_initialized()
     if created:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, local_world, device, backend, created)
+    layout = Layout.from_world(world, config.parallel.tp, config.parallel.pp)
+    if layout.tp * layout.pp > 1:
+        from fluidlm.parallel.topology import init_model_parallel
+
+        init_model_parallel(layout)
+    return DistInfo(rank, world, local_rank, local_world, device, backend, created, layout)
 
 
 def _skip_deepspeed_shm_op() -> None:
@@ -114,6 +129,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_model(config: Config, dist_info: DistInfo) -> tuple[nn.Module, int]:
+    """The FluidLM for this rank and the whole model's parameter count. Under TP the rank's shard
+    is cut from the dense model built from the same seed: one seed, one model, whatever the layout."""
+    from fluidlm.model import FluidLM
+
+    seed_everything(config.train.seed)
+    model = FluidLM(config.model)
+    num_params = model.num_parameters()
+    if dist_info.layout.tp > 1:
+        from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
+
+        layers = TensorParallelLayers()
+        sharded = FluidLM(config.model, layers)
+        sharded.load_state_dict(shard_state_dict(model.state_dict(), sharded, layers.tp_rank, layers.tp_size),
+                                strict=False)  # strict=False: megatron's `_extra_state` entries
+        model = sharded
+    return model, num_params
 
 
 # --- parameters, optimizer, schedule ----------------------------------------------------------
@@ -165,7 +199,7 @@ def deepspeed_config(config: Config, dist_info: DistInfo) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * dist_info.world_size,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dist_info.layout.dp,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": config.parallel.zero_stage},
         "optimizer": {
@@ -209,8 +243,15 @@ def build_engine(config: Config, model: nn.Module, dist_info: DistInfo):
         config=deepspeed_config(config, dist_info),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, config)),
         dist_init_required=False,
+        mpu=_mpu() if dist_info.model_parallel else None,
     )
     return engine
+
+
+def _mpu():
+    from fluidlm.parallel.topology import MegatronMPU
+
+    return MegatronMPU()
 
 
 def batch_to_inputs(batch: dict, device: torch.device):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (batch_to_inputs, build_engine, flops_per_token, init_distributed,
+from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
                                   seed_everything)
 from fluidlm.train.tracking import Tracker
 
@@ -70,21 +70,18 @@ def train(config: Config, resume_from=None) -> int:
     """Run (or continue) training. `resume_from`: a complete checkpoint folder or None.
     Returns the exit code. Works in a world of one or under torchrun."""
     from fluidlm.data.loader import ShardLoader
-    from fluidlm.model import FluidLM
 
     dist_info = init_distributed(config)
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
     t = config.train
 
-    # Same seed everywhere: identical initial weights on every rank (DeepSpeed also broadcasts).
-    seed_everything(t.seed)
-    model = FluidLM(config.model)
-    num_params = model.num_parameters()  # before ZeRO-3 partitions the weights
+    model, num_params = build_model(config, dist_info)  # same seed everywhere: identical weights
     engine = build_engine(config, model, dist_info)
-    # Dropout differs per rank, reproducibly.
-    seed_everything(t.seed + 1000003 * rank)
+    # Dropout differs per data-parallel rank, reproducibly (TP ranks share their replicated activations).
+    layout, dp_rank = dist_info.layout, dist_info.dp_rank
+    seed_everything(t.seed + 1000003 * dp_rank)
 
-    loader = ShardLoader(config.manifest_path(), dp_rank=rank, dp_size=world, micro_batch_size=t.micro_batch_size,
+    loader = ShardLoader(config.manifest_path(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
                          seed=t.seed, num_workers=config.data.num_workers)
     progress, rank_state = Progress(), None
     if resume_from is not None:
@@ -103,14 +100,14 @@ def train(config: Config, resume_from=None) -> int:
         ckpt.set_rng_state(rank_state["rng"])
 
     tracker = Tracker(config, enabled=main)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world * config.data.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * config.data.seq_len
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, progress.step if resume_from else None,
-        {"run.world_size": world, "run.num_parameters": num_params, "run.tokens_per_step": tokens_per_step,
+        {"run.world_size": world, "run.dp": layout.dp, "run.num_parameters": num_params, "run.tokens_per_step": tokens_per_step,
          "run.device": str(dist_info.device), "run.backend": dist_info.backend},
     ) if main else None
     if main:
-        print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} ({dist_info.backend}, "
+        print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} = pp {layout.pp} × dp {layout.dp} × tp {layout.tp} ({dist_info.backend}, "
               f"{dist_info.device.type}) | {tokens_per_step:,} tokens/step | MLflow {tracker.uri}", flush=True)
 
     flops_token = flops_per_token(config, num_params)
@@ -124,6 +121,7 @@ def train(config: Config, resume_from=None) -> int:
     def save(step_progress: Progress, loader_state: dict, rng: dict) -> None:
         meta = {"step": step_progress.step, "tokens": step_progress.tokens,
                 "mlflow_run_id": step_progress.mlflow_run_id, "zero_stage": config.parallel.zero_stage,
+                "tp": layout.tp, "pp": layout.pp,
                 "config": config.to_dict()}
         ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},
                   config.checkpoint.keep)

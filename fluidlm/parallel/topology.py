@@ -1,0 +1,89 @@
+"""The parallel layout: world = PP × DP × TP (DESIGN.md §4), TP fastest, PP slowest.
+
+    layout = Layout.from_world(world_size, tp=2, pp=1)      # pure arithmetic: checked at config time
+    init_model_parallel(layout)                             # megatron-core groups + DeepSpeed's topology
+
+megatron-core's `parallel_state` owns the process groups (its default order "tp-cp-ep-dp-pp");
+DeepSpeed's `PipeModelDataParallelTopology` lays ranks out pipe > data > model, the same order.
+`init_model_parallel` builds both and asserts they agree rank by rank, so a future change of
+either library's convention fails at start-up instead of silently mixing gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @classmethod
+    def from_world(cls, world: int, tp: int = 1, pp: int = 1) -> "Layout":
+        if tp < 1 or pp < 1:
+            raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must be ≥ 1")
+        if world % (tp * pp):
+            raise ValueError(
+                f"world size {world} is not divisible by parallel.tp × parallel.pp = {tp} × {pp} = {tp * pp}; "
+                f"launch a multiple of {tp * pp} processes or change the layout")
+        return cls(world, tp, pp)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """{'pp': stage, 'dp': data rank, 'tp': tensor rank} of a global rank."""
+        return {"pp": rank // (self.dp * self.tp), "dp": (rank // self.tp) % self.dp, "tp": rank % self.tp}
+
+
+def init_model_parallel(layout: Layout):
+    """Create megatron-core's groups for `layout` (the default process group must exist) and
+    DeepSpeed's matching topology; check they agree. Returns the DeepSpeed topology."""
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+    topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    rank = dist.get_rank()
+    ours = layout.coordinates(rank)
+    megatron = {"pp": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_rank(),
+                "tp": ps.get_tensor_model_parallel_rank()}
+    coord = topo.get_coord(rank)
+    deepspeed = {"pp": coord.pipe, "dp": coord.data, "tp": coord.model}
+    if not ours == megatron == deepspeed:
+        raise RuntimeError(f"rank {rank}: parallel layouts disagree: FluidLM {ours}, megatron-core {megatron}, "
+                           f"DeepSpeed {deepspeed}")
+    return topo
+
+
+class MegatronMPU:
+    """The `mpu` object DeepSpeed's engine asks for groups (PP = 1): megatron-core's
+    parallel_state plus the few names DeepSpeed expects that megatron-core does not define."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def __getattr__(self, name):  # get_tensor_model_parallel_*, get_data_parallel_* ...
+        return getattr(self.ps, name)
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
