@@ -95,15 +95,15 @@ def problems(path: Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"{CLIENT_JSON} is unreadable ({exc})"]
     stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    dp = world // (tp * pp)
-    # DeepSpeed's names: one model-states file per TP rank (ZeRO-3: per DP rank too), one optimizer
-    # shard per (DP rank, TP rank).
+    dp, mp = world // (tp * pp), tp * pp
+    # DeepSpeed's names: one model-states file per model-parallel rank (TP × PP; ZeRO-3: per DP rank
+    # too), one optimizer shard per (DP rank, model-parallel rank); pipeline weights sit in layer_* files.
     if stage == 3:
-        expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(tp)]
+        expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(mp)]
     else:
-        expected = [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp)]
+        expected = [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
     if stage > 0:
-        expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp) for m in range(tp)]
+        expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp) for m in range(mp)]
     expected += [f"client/rank_{r:05d}.pt" for r in range(world)]
     missing = [name for name in expected if not (path / name).is_file()]
     return [f"missing {m}" for m in missing]

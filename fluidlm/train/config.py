@@ -113,7 +113,9 @@ class ParallelConfig(StrictModel):
     tp: int = Field(1, ge=1, description="tensor-parallel size: DA heads (with their λ and Δ rows), the FFN hidden size and "
                                          "the vocabulary are split across this many ranks (megatron-core layers); "
                                          "must divide model.n_heads, the FFN size and model.vocab_size")
-    pp: int = Field(1, ge=1, description="pipeline-parallel size; only 1 is wired into training yet")
+    pp: int = Field(1, ge=1, description="pipeline-parallel stages (DeepSpeed PipelineModule, 1F1B); blocks are spread "
+                                         "evenly, the embedding + PDE layer on the first stage, the tied LM head on the "
+                                         "last; needs parallel.zero_stage ≤ 1 and pp ≤ model.n_layers")
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage for data parallelism (2 and 3 need pp = 1)")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
 
@@ -138,8 +140,9 @@ class Config(StrictModel):
         if self.parallel.zero_stage > 1 and self.parallel.pp > 1:
             raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage} needs parallel.pp=1 (DeepSpeed's pipeline "
                              "engine supports ZeRO stage 0 or 1 only)")
-        if self.parallel.pp != 1:
-            raise ValueError(f"parallel.pp={self.parallel.pp}: only parallel.pp=1 is wired into training so far; use 1")
+        if self.parallel.pp > self.model.n_layers:
+            raise ValueError(f"parallel.pp={self.parallel.pp} stages but model.n_layers={self.model.n_layers}: every stage "
+                             f"needs at least one block; use parallel.pp ≤ {self.model.n_layers}")
         if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
             raise ValueError(f"train.stop_at={self.train.stop_at} is after train.steps={self.train.steps}")
         if self.train.debug_nan_at_step is not None and self.train.debug_nan_at_step > self.train.steps:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluidlm.parallel.layers import DenseLayers
 from fluidlm.parallel.topology import Layout
 from fluidlm.train.config import Config
 
@@ -36,6 +37,7 @@ class DistInfo:
     backend: str
     created_group: bool  # we created the process group (so we destroy it at exit)
     layout: Layout       # world = PP × DP × TP
+    topology: object = None  # DeepSpeed's PipeModelDataParallelTopology when TP or PP > 1
 
     @property
     def dp_rank(self) -> int:
@@ -87,11 +89,12 @@ def init_distributed(config: Config) -> DistInfo:
     if created:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world)
     layout = Layout.from_world(world, config.parallel.tp, config.parallel.pp)
+    topology = None
     if layout.tp * layout.pp > 1:
         from fluidlm.parallel.topology import init_model_parallel
 
-        init_model_parallel(layout)
-    return DistInfo(rank, world, local_rank, local_world, device, backend, created, layout)
+        topology = init_model_parallel(layout)
+    return DistInfo(rank, world, local_rank, local_world, device, backend, created, layout, topology)
 
 
 def _skip_deepspeed_shm_op() -> None:
@@ -132,22 +135,34 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: Config, dist_info: DistInfo) -> tuple[nn.Module, int]:
-    """The FluidLM for this rank and the whole model's parameter count. Under TP the rank's shard
-    is cut from the dense model built from the same seed: one seed, one model, whatever the layout."""
+    """This rank's model and the whole model's parameter count. Every layout cuts its share from
+    the dense model built from the seed: one seed, one model, whatever the layout. PP > 1 gives a
+    DeepSpeed PipelineModule (this stage's layers), TP > 1 megatron-core layers."""
     from fluidlm.model import FluidLM
 
     seed_everything(config.train.seed)
     model = FluidLM(config.model)
     num_params = model.num_parameters()
-    if dist_info.layout.tp > 1:
-        from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
+    layout = dist_info.layout
+    if not dist_info.model_parallel:
+        model.activation_checkpointing = config.train.activation_checkpointing
+        return LossModule(model, config.train.loss_chunk_tokens), num_params
+    from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
 
-        layers = TensorParallelLayers()
-        sharded = FluidLM(config.model, layers)
-        sharded.load_state_dict(shard_state_dict(model.state_dict(), sharded, layers.tp_rank, layers.tp_size),
-                                strict=False)  # strict=False: megatron's `_extra_state` entries
-        model = sharded
-    return model, num_params
+    layers = TensorParallelLayers() if layout.tp > 1 else DenseLayers()
+    dense_state = model.state_dict()
+    if layout.pp > 1:
+        from fluidlm.parallel.pipeline import build_pipeline, load_dense
+
+        pipe = build_pipeline(config.model, layers, dist_info.topology, chunk_tokens=config.train.loss_chunk_tokens,
+                              activation_checkpointing=config.train.activation_checkpointing)
+        load_dense(pipe, dense_state, layers.tp_rank, layers.tp_size)
+        return pipe, num_params
+    sharded = FluidLM(config.model, layers)
+    sharded.load_state_dict(shard_state_dict(dense_state, sharded, layers.tp_rank, layers.tp_size),
+                            strict=False)  # strict=False: megatron's `_extra_state` entries
+    sharded.activation_checkpointing = config.train.activation_checkpointing
+    return LossModule(sharded, config.train.loss_chunk_tokens), num_params
 
 
 # --- parameters, optimizer, schedule ----------------------------------------------------------
@@ -230,20 +245,21 @@ class LossModule(nn.Module):
         return self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens)
 
 
-def build_engine(config: Config, model: nn.Module, dist_info: DistInfo):
-    """deepspeed.initialize with our param groups and schedule; returns the engine."""
+def build_engine(config: Config, module: nn.Module, dist_info: DistInfo):
+    """deepspeed.initialize with our param groups and schedule; returns the engine (a
+    PipelineEngine when `module` is a PipelineModule)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    model.activation_checkpointing = config.train.activation_checkpointing
-    module = LossModule(model, config.train.loss_chunk_tokens).to(dist_info.device)
+    pipeline = dist_info.layout.pp > 1
     engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        model_parameters=param_groups(model, config),
+        model=module.to(dist_info.device),
+        model_parameters=param_groups(module, config),
         config=deepspeed_config(config, dist_info),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, config)),
         dist_init_required=False,
-        mpu=_mpu() if dist_info.model_parallel else None,
+        # The pipeline engine brings its own grid (from the topology); with TP alone, megatron-core's groups.
+        mpu=_mpu() if dist_info.model_parallel and not pipeline else None,
     )
     return engine
 

@@ -2,11 +2,13 @@
 
     init process group → seed → model → DeepSpeed engine → loader → (resume) → MLflow →
     for each step: grad_accum × (batch → forward → NaN check → backward → step) → log → save
+                   (pipeline stages: one engine.train_batch runs the grad_accum micro-batches, 1F1B)
     → final save → close
 
 Stops cleanly: at train.steps, at train.stop_at, or on SIGTERM/SIGINT (finish the current step,
 save, exit 0). A NaN/inf loss stops the run before its gradients touch the weights, saves the
-last good step (exit code 3). All ranks agree on when to stop: the stop flag and the loss are
+last good step (exit code 3); with pipeline stages (DeepSpeed's train_batch runs forward,
+backward and step in one call) it stops after that step without saving it. All ranks agree on when to stop: the stop flag and the loss are
 all-reduced together every micro-batch.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fluidlm.parallel.pipeline import pipeline_batches
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.config import Config, config_diff
 from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
@@ -79,6 +82,7 @@ def train(config: Config, resume_from=None) -> int:
     engine = build_engine(config, model, dist_info)
     # Dropout differs per data-parallel rank, reproducibly (TP ranks share their replicated activations).
     layout, dp_rank = dist_info.layout, dist_info.dp_rank
+    pipeline = layout.pp > 1
     seed_everything(t.seed + 1000003 * dp_rank)
 
     loader = ShardLoader(config.manifest_path(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
@@ -135,9 +139,12 @@ def train(config: Config, resume_from=None) -> int:
             boundary = (Progress(**vars(progress)), loader.state_dict(), ckpt.rng_state())
             step_start = time.perf_counter()
             loss_sum, stop_votes, nan = 0.0, 0.0, False
-            for _ in range(t.grad_accum):
-                inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device)
-                loss = engine(inputs, targets, cu_seqlens)
+            for _ in range(1 if pipeline else t.grad_accum):
+                if pipeline:  # DeepSpeed runs the step: grad_accum micro-batches through the stages (1F1B)
+                    loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum))
+                else:
+                    inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device)
+                    loss = engine(inputs, targets, cu_seqlens)
                 if t.debug_nan_at_step == progress.step + 1:
                     loss = loss * float("nan")
                 # One small all-reduce: mean loss over ranks and "did any rank get a stop signal".
@@ -147,16 +154,23 @@ def train(config: Config, resume_from=None) -> int:
                 if not math.isfinite(shared[0].item()):
                     nan = True
                     break
-                loss_sum += shared[0].item() / world
+                loss_sum += shared[0].item() / world * (t.grad_accum if pipeline else 1)
                 stop_votes = max(stop_votes, shared[1].item())
-                engine.backward(loss)
-                engine.step()
+                if not pipeline:
+                    engine.backward(loss)
+                    engine.step()
             if nan:
                 good, loader_state, rng = boundary
-                if last_saved != good.step and good.step > 0:
+                # (The pipeline engine steps inside train_batch: its weights are already past `good`.)
+                if last_saved != good.step and good.step > 0 and not pipeline:
                     save(good, loader_state, rng)
                     last_saved = good.step
-                if main:
+                if main and pipeline:
+                    print(f"\nERROR: the loss is not finite (NaN/inf) at step {good.step + 1}; with pipeline stages the "
+                          f"step was already applied, so nothing was saved; resume from the newest checkpoint in "
+                          f"{config.checkpoint_dir} with --resume auto after lowering optim.lr or checking the data.",
+                          file=sys.stderr, flush=True)
+                elif main:
                     where = (f"the checkpoint of the last good step {good.step} is {config.checkpoint_dir / ckpt.tag_for(good.step)}"
                              if good.step > 0 else "no step completed, so there is no checkpoint")
                     print(f"\nERROR: the loss is not finite (NaN/inf) at step {good.step + 1}; training stopped before "

@@ -1,7 +1,9 @@
-"""Tensor parallelism (megatron-core layers) through torchrun on CPU/gloo, tiny model:
-a TP model equals the dense one (loss and every gradient, the sharded λ included); TP = 2 and
-DP = 2 × TP = 2 training reproduce the single-process losses; TP-replicated parameters stay
-bit-identical across ranks; exact resume holds at TP = 2; bad layouts are refused before start."""
+"""Tensor parallelism (megatron-core layers) and pipeline stages (DeepSpeed PipelineModule)
+through torchrun on CPU/gloo, tiny model: a TP model equals the dense one (loss and every
+gradient, the sharded λ included); TP = 2, DP = 2 × TP = 2, PP = 2 and TP = 2 × PP = 2 training
+reproduce the single-process losses and gradient norms; TP-replicated parameters stay
+bit-identical across ranks; exact resume holds at TP = 2 and PP = 2; bad layouts are refused
+before start."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from train_helpers import losses, make_dataset, read_metrics, tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured on this CPU: TP=2 and DP=2×TP=2 losses differ from TP=1 by ≤ 2.4e-7 over 6 steps (the vocabulary-parallel
+# Measured on this CPU: TP=2, DP=2×TP=2, PP=2 and TP=2×PP=2 losses differ from the single process
+# by ≤ 2.4e-7 over 6 steps (the vocabulary-parallel
 # softmax and the row-parallel all-reduce sum in a different order than one matmul does).
 TP_TOLERANCE = 2e-5
 
@@ -94,6 +97,30 @@ def test_dp2_tp2_reproduces_the_single_process_run(setup):
     assert max(abs(single[k] - got[k]) for k in single) <= TP_TOLERANCE, (single, got)
 
 
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_pipeline_stages_reproduce_the_single_process_run(setup, tp, pp):
+    tmp, data, steps = setup
+    name = f"tp{tp}pp{pp}"
+    cfg = tiny_config(data, tmp / "runs" / name, model={"dropout": 0.0}, parallel={"tp": tp, "pp": pp},
+                      train={"steps": steps, "grad_accum": 2}, checkpoint={"every": 3})
+    path = write_config(tmp / f"{name}.yaml", cfg)
+    proc = run(["-m", "fluidlm.train", "--config", str(path)], tp * pp, tmp, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"pp {pp} × dp 1 × tp {tp}" in proc.stdout
+    single, got = losses(tmp / "runs" / "single"), losses(tmp / "runs" / name)
+    assert list(got) == list(range(1, steps + 1))
+    assert max(abs(single[k] - got[k]) for k in single) <= TP_TOLERANCE, (single, got)
+    m1, m2 = read_metrics(tmp / "runs" / "single"), read_metrics(tmp / "runs" / name)
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(m1, m2)) < 1e-4
+    if tp == 1:  # exact resume with pipeline stages: stop at the step-3 checkpoint, resume to the end
+        resumed = write_config(tmp / "pp2r.yaml", {**cfg, "train": {**cfg["train"], "run_dir": str(tmp / "runs" / "pp2r"),
+                                                                     "stop_at": 3}})
+        assert run(["-m", "fluidlm.train", "--config", str(resumed)], pp, tmp).returncode == 0
+        proc = run(["-m", "fluidlm.train", "--config", str(resumed), "--resume", "auto", "train.stop_at=null"], pp, tmp)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert losses(tmp / "runs" / "pp2r") == got  # bitwise
+
+
 def test_bad_layouts_are_refused_before_start(setup, tmp_path):
     tmp, data, _ = setup
     # 3 heads cannot be split across 2 ranks: refused at config time.
@@ -107,3 +134,8 @@ def test_bad_layouts_are_refused_before_start(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(path)], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "world size 1 is not divisible" in proc.stderr, proc.stderr
+    # More stages than blocks.
+    path = write_config(tmp_path / "pp.yaml", tiny_config(data, tmp_path / "r3", parallel={"pp": 4}))
+    proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(path)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "parallel.pp=4" in proc.stderr and "model.n_layers=2" in proc.stderr, proc.stderr
