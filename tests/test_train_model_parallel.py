@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
     data = make_dataset(tmp / "data", samples=64)
     steps = 6
     single = write_config(tmp / "single.yaml", tiny_config(data, tmp / "runs" / "single", model={"dropout": 0.0},
-                                                           train={"steps": steps, "grad_accum": 2}))
+                                                           train={"steps": steps, "grad_accum": 2},
+                                                           checkpoint={"every": 3}))
     proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(single)], cwd=tmp,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -119,6 +120,40 @@ def test_pipeline_stages_reproduce_the_single_process_run(setup, tp, pp):
         proc = run(["-m", "fluidlm.train", "--config", str(resumed), "--resume", "auto", "train.stop_at=null"], pp, tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert losses(tmp / "runs" / "pp2r") == got  # bitwise
+
+
+def test_changing_layout_through_a_universal_checkpoint(setup):
+    """TP=2×PP=2 step 3 → universal → resumes at TP=1/PP=1/DP=2; TP=1 step 3 → resumes at TP=2.
+    Both continue the single-process loss curve (weights, AdamW moments and step, LR position and
+    data position carried; dropout is off: RNG streams cannot carry across layouts)."""
+    tmp, data, steps = setup
+    if not (tmp / "runs" / "tp2pp2" / "checkpoints" / "step_00000003").is_dir():
+        pytest.skip("needs the TP=2×PP=2 run of test_pipeline_stages_reproduce_the_single_process_run")
+    single = losses(tmp / "runs" / "single")
+    cases = [("tp2pp2", {"parallel.tp": 1, "parallel.pp": 1, "train.grad_accum": 1}, 2),
+             ("single", {"parallel.tp": 2, "parallel.pp": 1, "train.grad_accum": 2}, 2)]
+    for source, layout, nproc in cases:
+        out = tmp / "universal" / source
+        proc = subprocess.run([sys.executable, "-m", "fluidlm", "checkpoint", "convert",
+                               str(tmp / "runs" / source / "checkpoints" / "step_00000003"), "--out", str(out)],
+                              cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = tmp / "runs" / f"from-{source}"
+        overrides = [f"{k}={v}" for k, v in layout.items()] + [f"train.run_dir={run_dir}"]
+        proc = run(["-m", "fluidlm.train", "--config", str(tmp / "single.yaml"), "--resume",
+                    str(out / "step_00000003"), *overrides], nproc, tmp)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "resuming from universal checkpoint" in proc.stdout
+        got = losses(run_dir)
+        assert list(got) == [4, 5, 6]
+        assert max(abs(single[k] - got[k]) for k in got) <= TP_TOLERANCE, (source, single, got)
+    # A checkpoint of another model is refused before start.
+    proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(tmp / "single.yaml"), "--resume",
+                           str(tmp / "universal" / "single" / "step_00000003"), "model.d_model=64",
+                           f"train.run_dir={tmp / 'runs' / 'other'}"], cwd=tmp,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "different model" in proc.stderr, proc.stderr
 
 
 def test_bad_layouts_are_refused_before_start(setup, tmp_path):

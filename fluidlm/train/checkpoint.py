@@ -142,6 +142,8 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    if (path / "universal.json").is_file():  # made by `fluidlm checkpoint convert` (fluidlm/train/universal.py)
+        return path
     if (path / CLIENT_JSON).exists() or TAG_RE.match(path.name) or path.name.startswith(".tmp-"):
         issues = problems(path)
         if issues:

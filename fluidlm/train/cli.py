@@ -41,6 +41,7 @@ def prepare(args: argparse.Namespace):
     from fluidlm.parallel.topology import Layout
     from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
     from fluidlm.train.config import ConfigError, load_config, preflight
+    from fluidlm.train.universal import is_universal, read_info
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -55,7 +56,14 @@ def prepare(args: argparse.Namespace):
     if args.resume is None and complete_checkpoints(config.checkpoint_dir):
         raise CheckpointError(f"train.run_dir={config.train.run_dir!r} already holds checkpoints; pass --resume auto "
                               "to continue that run, or choose another train.run_dir")
-    if resume_from is not None:
+    if resume_from is not None and is_universal(resume_from):
+        info = read_info(resume_from)
+        if info["step"] >= config.train.steps:
+            raise CheckpointError(f"{resume_from} is at step {info['step']}, already at train.steps={config.train.steps}")
+        if info["config"]["model"] != config.to_dict()["model"]:
+            raise CheckpointError(f"{resume_from} holds a different model than the config's `model:` section; "
+                                  "resume with the model config it was trained with")
+    elif resume_from is not None:
         meta = read_meta(resume_from)
         saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1))
         if saved != (world, config.parallel.tp, config.parallel.pp):

@@ -26,10 +26,12 @@ import torch.distributed as dist
 
 from fluidlm.parallel.pipeline import pipeline_batches
 from fluidlm.train import checkpoint as ckpt
+from fluidlm.train.checkpoint import CheckpointError
 from fluidlm.train.config import Config, config_diff
 from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
                                   seed_everything)
 from fluidlm.train.tracking import Tracker
+from fluidlm.train.universal import is_universal, load_into_engine
 
 EXIT_OK, EXIT_NAN = 0, 3
 
@@ -75,7 +77,7 @@ def train(config: Config, resume_from=None) -> int:
     from fluidlm.data.loader import ShardLoader
 
     dist_info = init_distributed(config)
-    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    world, main = dist_info.world_size, dist_info.is_main
     t = config.train
 
     model, num_params = build_model(config, dist_info)  # same seed everywhere: identical weights
@@ -88,7 +90,19 @@ def train(config: Config, resume_from=None) -> int:
     loader = ShardLoader(config.manifest_path(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
                          seed=t.seed, num_workers=config.data.num_workers)
     progress, rank_state = Progress(), None
-    if resume_from is not None:
+    if resume_from is not None and is_universal(resume_from):  # a layout change (fluidlm checkpoint convert)
+        meta = load_into_engine(engine, resume_from, config.to_dict()["model"], pipeline)
+        progress = Progress(step=meta["step"], tokens=meta["tokens"], mlflow_run_id=meta.get("mlflow_run_id"))
+        per_batch = layout.dp * t.micro_batch_size
+        if meta["global_samples"] % per_batch:
+            raise CheckpointError(f"{resume_from} stopped after {meta['global_samples']} samples, not a multiple of "
+                                  f"this layout's dp × micro_batch_size = {per_batch}; choose a batch that divides it")
+        loader.position = meta["global_samples"] // per_batch
+        seed_everything(t.seed + 1000003 * dp_rank + 7919 * progress.step)  # RNG streams cannot carry across layouts
+        if main:
+            print(f"resuming from universal checkpoint {resume_from} (step {progress.step}, saved at world "
+                  f"{meta['source']['world_size']} tp {meta['source']['tp']} pp {meta['source']['pp']})", flush=True)
+    elif resume_from is not None:
         meta, rank_state = ckpt.load(engine, resume_from)
         progress = Progress(step=meta["step"], tokens=meta["tokens"], mlflow_run_id=meta.get("mlflow_run_id"))
         loader.load_state_dict(rank_state["loader"])
