@@ -156,6 +156,23 @@ def test_changing_layout_through_a_universal_checkpoint(setup):
     assert proc.returncode == 2 and "different model" in proc.stderr, proc.stderr
 
 
+def test_activation_checkpointing_replays_dropout_under_tp(setup):
+    """One RNG mechanism: recompute in backward replays the forward's dropout masks (torch's
+    checkpoint restores the generator it saved), so TP=2 with dropout trains identically with
+    activation checkpointing on and off."""
+    tmp, data, _ = setup
+    got = {}
+    for ckpt in (False, True):
+        name = f"tp2-drop-ckpt{int(ckpt)}"
+        path = write_config(tmp / f"{name}.yaml", tiny_config(data, tmp / "runs" / name, model={"dropout": 0.2},
+                                                              parallel={"tp": 2},
+                                                              train={"steps": 3, "activation_checkpointing": ckpt}))
+        proc = run(["-m", "fluidlm.train", "--config", str(path)], 2, tmp)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        got[ckpt] = losses(tmp / "runs" / name)
+    assert got[False] == got[True]
+
+
 def test_bad_layouts_are_refused_before_start(setup, tmp_path):
     tmp, data, _ = setup
     # 3 heads cannot be split across 2 ranks: refused at config time.
