@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("data", "fluidlm.data.cli"),
     ("train", "fluidlm.train.cli"),
     ("checkpoint", "fluidlm.train.universal"),
+    ("launch", "fluidlm.launch.cli"),
 ]
 
 

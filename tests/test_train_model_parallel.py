@@ -1,6 +1,7 @@
-"""Tensor parallelism (megatron-core layers) and pipeline stages (DeepSpeed PipelineModule)
-through torchrun on CPU/gloo, tiny model: a TP model equals the dense one (loss and every
-gradient, the sharded λ included); TP = 2, DP = 2 × TP = 2, PP = 2 and TP = 2 × PP = 2 training
+"""Tensor parallelism (megatron-core layers), pipeline stages (DeepSpeed PipelineModule) and
+context parallelism through torchrun on CPU/gloo, tiny model: a TP model equals the dense one (loss
+and every gradient, the sharded λ included); TP = 2, DP = 2 × TP = 2, PP = 2, TP = 2 × PP = 2,
+CP = 2 and CP = 2 × TP = 2 training
 reproduce the single-process losses and gradient norms; TP-replicated parameters stay
 bit-identical across ranks; exact resume holds at TP = 2 and PP = 2; bad layouts are refused
 before start."""
@@ -173,6 +174,30 @@ def test_activation_checkpointing_replays_dropout_under_tp(setup):
     assert got[False] == got[True]
 
 
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)])
+def test_context_parallel_reproduces_the_single_process_run(setup, tp, cp):
+    """Each sequence split across CP ranks (DA state passed between them, PDE/flow halos): the
+    losses and gradient norms of the single process, which sees whole sequences."""
+    tmp, data, _ = setup
+    steps, name = 4, f"tp{tp}cp{cp}"
+    reference = tmp / "runs" / "single-accum1"
+    if not reference.is_dir():
+        ref = write_config(tmp / "single1.yaml", tiny_config(data, reference, model={"dropout": 0.0}, train={"steps": steps}))
+        proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(ref)], cwd=tmp,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    path = write_config(tmp / f"{name}.yaml", tiny_config(data, tmp / "runs" / name, model={"dropout": 0.0},
+                                                          parallel={"tp": tp, "cp": cp}, train={"steps": steps}))
+    proc = run(["-m", "fluidlm.train", "--config", str(path)], tp * cp, tmp, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"pp 1 × dp 1 × cp {cp} × tp {tp}" in proc.stdout
+    want, got = losses(reference), losses(tmp / "runs" / name)
+    assert list(got) == list(range(1, steps + 1))
+    assert max(abs(want[k] - got[k]) for k in want) <= TP_TOLERANCE, (want, got)
+    m1, m2 = read_metrics(reference), read_metrics(tmp / "runs" / name)
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(m1, m2)) < 1e-4
+
+
 def test_bad_layouts_are_refused_before_start(setup, tmp_path):
     tmp, data, _ = setup
     # 3 heads cannot be split across 2 ranks: refused at config time.
@@ -191,3 +216,9 @@ def test_bad_layouts_are_refused_before_start(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(path)], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "parallel.pp=4" in proc.stderr and "model.n_layers=2" in proc.stderr, proc.stderr
+    # Context parallelism for the softmax baseline: refused.
+    path = write_config(tmp_path / "cp.yaml", tiny_config(data, tmp_path / "r4", model={"attention": "softmax"},
+                                                          parallel={"cp": 2}))
+    proc = subprocess.run([sys.executable, "-m", "fluidlm.train", "--config", str(path)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "parallel.cp=2 needs model.attention='da'" in proc.stderr, proc.stderr

@@ -358,7 +358,36 @@ def cp_attention_layer(layer, x: torch.Tensor, cu_seqlens: torch.Tensor | None =
     return layer.out(o.transpose(1, 2).reshape(b, n, layer.n_heads * layer.head_dim))
 
 
+class _Unpatched:
+    """The module as it was before `apply_context_parallel`: its attributes, its original forward."""
+
+    def __init__(self, module, forward):
+        self._module, self._forward = module, forward
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def apply_context_parallel(model, group) -> None:
+    """Make a FluidLM run on this rank's shard of every sequence (parallelism applied from outside,
+    parameters and their names untouched): the PDE layer and every DA layer switch to their CP forms.
+    Callers then pass the rank's shard of tokens with the GLOBAL cu_seqlens."""
+    from fluidlm.model.attention import DifferentialAttentionLayer
+
+    if model.config.attention != "da":
+        raise ValueError("context parallelism needs attention='da' (the softmax baseline has no CP path)")
+    if model.pde is not None:
+        pde, original = model.pde, model.pde.forward
+        pde.forward = lambda u, cu_seqlens=None: cp_pde_diffusion(_Unpatched(pde, original), u, cu_seqlens, group)
+    for module in model.modules():
+        if isinstance(module, DifferentialAttentionLayer):
+            module.forward = (lambda layer: lambda x, cu_seqlens=None: cp_attention_layer(layer, x, cu_seqlens, group))(module)
+
+
 __all__ = [
-    "CommStats", "comm_stats", "cp_attention_layer", "cp_differential_attention", "cp_flow_encoder",
+    "apply_context_parallel", "CommStats", "comm_stats", "cp_attention_layer", "cp_differential_attention", "cp_flow_encoder",
     "cp_pde_diffusion", "exchange_halo", "gather_summaries", "shard_range", "shard_sequence", "window_cu_seqlens",
 ]

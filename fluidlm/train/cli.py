@@ -49,7 +49,7 @@ def prepare(args: argparse.Namespace):
     preflight(config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        Layout.from_world(world, config.parallel.tp, config.parallel.pp)
+        Layout.from_world(world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc}") from None
     resume_from = resolve_resume(args.resume, config.checkpoint_dir)  # checks the checkpoint is complete
@@ -65,10 +65,11 @@ def prepare(args: argparse.Namespace):
                                   "resume with the model config it was trained with")
     elif resume_from is not None:
         meta = read_meta(resume_from)
-        saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1))
-        if saved != (world, config.parallel.tp, config.parallel.pp):
-            raise CheckpointError(f"{resume_from} was saved with world {saved[0]} (tp {saved[1]}, pp {saved[2]}), this run "
-                                  f"has world {world} (tp {config.parallel.tp}, pp {config.parallel.pp}): exact resume "
+        saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1), meta.get("cp", 1))
+        now = (world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
+        if saved != now:
+            raise CheckpointError(f"{resume_from} was saved with world {saved[0]} (tp {saved[1]}, pp {saved[2]}, cp "
+                                  f"{saved[3]}), this run has world {now[0]} (tp {now[1]}, pp {now[2]}, cp {now[3]}): exact resume "
                                   "needs the same layout; to change it, convert the checkpoint first "
                                   "(`fluidlm checkpoint convert`, see README)")
         if meta["step"] >= config.train.steps:

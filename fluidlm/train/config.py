@@ -108,7 +108,7 @@ class LoggingConfig(StrictModel):
 
 
 class ParallelConfig(StrictModel):
-    """world = PP × DP × TP (DESIGN.md §4); DP is what is left of the world after TP and PP."""
+    """world = PP × DP × CP × TP (DESIGN.md §4); DP is what is left of the world after TP, CP and PP."""
 
     tp: int = Field(1, ge=1, description="tensor-parallel size: DA heads (with their λ and Δ rows), the FFN hidden size and "
                                          "the vocabulary are split across this many ranks (megatron-core layers); "
@@ -116,6 +116,9 @@ class ParallelConfig(StrictModel):
     pp: int = Field(1, ge=1, description="pipeline-parallel stages (DeepSpeed PipelineModule, 1F1B); blocks are spread "
                                          "evenly, the embedding + PDE layer on the first stage, the tied LM head on the "
                                          "last; needs parallel.zero_stage ≤ 1 and pp ≤ model.n_layers")
+    cp: int = Field(1, ge=1, description="context-parallel size: every sequence of a micro-batch is split into this many "
+                                         "contiguous shards, one per rank, DA passing its recurrence state between them "
+                                         "(DA only, pp = 1; micro_batch_size × seq_len must divide by cp)")
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage for data parallelism (2 and 3 need pp = 1)")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
 
@@ -140,6 +143,16 @@ class Config(StrictModel):
         if self.parallel.zero_stage > 1 and self.parallel.pp > 1:
             raise ValueError(f"parallel.zero_stage={self.parallel.zero_stage} needs parallel.pp=1 (DeepSpeed's pipeline "
                              "engine supports ZeRO stage 0 or 1 only)")
+        cp = self.parallel.cp
+        if cp > 1:
+            if self.model.attention != "da" or self.parallel.pp != 1:
+                raise ValueError(f"parallel.cp={cp} needs model.attention='da' and parallel.pp=1 (got "
+                                 f"{self.model.attention!r}, pp={self.parallel.pp})")
+            row = self.train.micro_batch_size * self.data.seq_len
+            halo = max(max(self.model.pde.scales) * self.model.pde.steps if self.model.pde.enabled else 0, 3)
+            if row % cp or row // cp < halo:
+                raise ValueError(f"parallel.cp={cp}: each micro-batch row of train.micro_batch_size × data.seq_len = {row} "
+                                 f"tokens must split into {cp} equal shards of at least {halo} tokens (the PDE/flow halo)")
         if self.parallel.pp > self.model.n_layers:
             raise ValueError(f"parallel.pp={self.parallel.pp} stages but model.n_layers={self.model.n_layers}: every stage "
                              f"needs at least one block; use parallel.pp ≤ {self.model.n_layers}")

@@ -37,7 +37,7 @@ class DistInfo:
     backend: str
     created_group: bool  # we created the process group (so we destroy it at exit)
     layout: Layout       # world = PP × DP × TP
-    topology: object = None  # DeepSpeed's PipeModelDataParallelTopology when TP or PP > 1
+    topology: object = None  # DeepSpeed's PipeModelDataParallelTopology when TP, PP or CP > 1
 
     @property
     def dp_rank(self) -> int:
@@ -45,7 +45,11 @@ class DistInfo:
 
     @property
     def model_parallel(self) -> bool:
-        return self.layout.tp * self.layout.pp > 1
+        return self.layout.tp * self.layout.pp * self.layout.cp > 1
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)["cp"]
 
     @property
     def is_main(self) -> bool:
@@ -88,9 +92,9 @@ def init_distributed(config: Config) -> DistInfo:
     created = not dist.is_initialized()
     if created:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world)
-    layout = Layout.from_world(world, config.parallel.tp, config.parallel.pp)
+    layout = Layout.from_world(world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
     topology = None
-    if layout.tp * layout.pp > 1:
+    if layout.tp * layout.pp * layout.cp > 1:
         from fluidlm.parallel.topology import init_model_parallel
 
         topology = init_model_parallel(layout)
@@ -162,7 +166,15 @@ def build_model(config: Config, dist_info: DistInfo) -> tuple[nn.Module, int]:
     sharded.load_state_dict(shard_state_dict(dense_state, sharded, layers.tp_rank, layers.tp_size),
                             strict=False)  # strict=False: megatron's `_extra_state` entries
     sharded.activation_checkpointing = config.train.activation_checkpointing
-    return LossModule(sharded, config.train.loss_chunk_tokens), num_params
+    cp_group = None
+    if layout.cp > 1:
+        from megatron.core import parallel_state as ps
+
+        from fluidlm.parallel.context import apply_context_parallel
+
+        cp_group = ps.get_context_parallel_group()
+        apply_context_parallel(sharded, cp_group)
+    return LossModule(sharded, config.train.loss_chunk_tokens, cp_group), num_params
 
 
 # --- parameters, optimizer, schedule ----------------------------------------------------------
@@ -214,7 +226,8 @@ def deepspeed_config(config: Config, dist_info: DistInfo) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * dist_info.layout.dp,
+        # DeepSpeed counts its data ranks (DP × CP: CP ranks share each sample) in the batch size.
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dist_info.layout.dp * dist_info.layout.cp,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": config.parallel.zero_stage},
         "optimizer": {
@@ -234,15 +247,27 @@ def deepspeed_config(config: Config, dist_info: DistInfo) -> dict:
 
 class LossModule(nn.Module):
     """What DeepSpeed wraps: forward returns the mean next-token loss. The FluidLM is `.model`
-    (checkpoint keys are therefore prefixed with `model.`)."""
+    (checkpoint keys are therefore prefixed with `model.`).
 
-    def __init__(self, model: nn.Module, chunk_tokens: int):
+    Under context parallelism each rank holds a shard of the tokens: it returns
+    cp × (its loss sum) / (the CP group's token count), so that DeepSpeed's gradient average over
+    its data-parallel group (DP × CP ranks) sums the CP shares and averages the DP replicas."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int, cp_group=None):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.cp_group = cp_group
 
     def forward(self, tokens, targets, cu_seqlens=None):
-        return self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens)
+        if self.cp_group is None:
+            return self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens)
+        import torch.distributed as dist
+
+        loss_sum = self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens, reduction="sum")
+        count = (targets != -100).sum().to(torch.float64)
+        dist.all_reduce(count, group=self.cp_group)
+        return loss_sum * dist.get_world_size(self.cp_group) / count.clamp(min=1).to(loss_sum.dtype)
 
 
 def build_engine(config: Config, module: nn.Module, dist_info: DistInfo):
@@ -270,18 +295,22 @@ def _mpu():
     return MegatronMPU()
 
 
-def batch_to_inputs(batch: dict, device: torch.device):
+def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0):
     """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)} → (inputs (1, B·L), targets
     (1, B·L), cu_seqlens). Every sample start and every document start resets the attention state,
-    so no document (and no sample) sees another."""
+    so no document (and no sample) sees another. Under context parallelism (cp > 1) inputs and
+    targets are this rank's contiguous 1/cp of the row; cu_seqlens stays global."""
     tokens, starts = batch["tokens"], batch["doc_starts"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = tokens[:, :-1].reshape(1, -1), tokens[:, 1:].reshape(1, -1)
     resets = starts[:, :-1].clone()
     resets[:, 0] = True
     positions = resets.flatten().nonzero().flatten()
     cu_seqlens = torch.cat([positions, positions.new_tensor([resets.numel()])]).to(torch.int64)
-    return (inputs.reshape(1, -1).to(device, non_blocking=True), targets.reshape(1, -1).to(device, non_blocking=True),
-            cu_seqlens.to(device))
+    if cp > 1:
+        from fluidlm.parallel.context import shard_sequence
+
+        inputs, targets = shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp)
+    return (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), cu_seqlens.to(device))
 
 
 def flops_per_token(config: Config, num_params: int) -> float:

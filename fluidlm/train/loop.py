@@ -37,8 +37,8 @@ EXIT_OK, EXIT_NAN = 0, 3
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits. A second signal
-    restores the default handler, so pressing Ctrl-C twice kills at once."""
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits. A second Ctrl-C
+    kills at once; further SIGTERMs are ignored (the save is already coming)."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -50,8 +50,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signal = self.signal or signal.Signals(signum).name
+        # A second Ctrl-C kills at once; repeated SIGTERMs are ignored: under Slurm every rank gets
+        # one from Slurm and one forwarded by torchrun, and the second must not abort the save.
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def uninstall(self):
         for sig, handler in self._previous.items():
@@ -125,7 +128,7 @@ def train(config: Config, resume_from=None) -> int:
          "run.device": str(dist_info.device), "run.backend": dist_info.backend},
     ) if main else None
     if main:
-        print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} = pp {layout.pp} × dp {layout.dp} × tp {layout.tp} ({dist_info.backend}, "
+        print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} = pp {layout.pp} × dp {layout.dp} × cp {layout.cp} × tp {layout.tp} ({dist_info.backend}, "
               f"{dist_info.device.type}) | {tokens_per_step:,} tokens/step | MLflow {tracker.uri}", flush=True)
 
     flops_token = flops_per_token(config, num_params)
@@ -139,7 +142,7 @@ def train(config: Config, resume_from=None) -> int:
     def save(step_progress: Progress, loader_state: dict, rng: dict) -> None:
         meta = {"step": step_progress.step, "tokens": step_progress.tokens,
                 "mlflow_run_id": step_progress.mlflow_run_id, "zero_stage": config.parallel.zero_stage,
-                "tp": layout.tp, "pp": layout.pp,
+                "tp": layout.tp, "pp": layout.pp, "cp": layout.cp,
                 "config": config.to_dict()}
         ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},
                   config.checkpoint.keep)
@@ -157,7 +160,8 @@ def train(config: Config, resume_from=None) -> int:
                 if pipeline:  # DeepSpeed runs the step: grad_accum micro-batches through the stages (1F1B)
                     loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum))
                 else:
-                    inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device)
+                    inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device, layout.cp,
+                                                                  dist_info.cp_rank)
                     loss = engine(inputs, targets, cu_seqlens)
                 if t.debug_nan_at_step == progress.step + 1:
                     loss = loss * float("nan")

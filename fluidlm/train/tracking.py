@@ -149,6 +149,14 @@ class Tracker:
         everything) so metrics.jsonl holds each step once."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and keep_until and json.loads(line).get("step", 0) <= keep_until]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a killed process
+                continue
+            if keep_until and row.get("step", 0) <= keep_until:
+                kept.append(line)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)  # a kill mid-write never loses the history

@@ -74,7 +74,7 @@ def gather_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
         raise CheckpointError(f"{path} was saved with parallel.zero_stage={stage}; conversion reads ZeRO stage 1 or 2 "
                               "optimizer partitions (train with parallel.zero_stage=1, the default)")
     world = meta["world_size"]
-    dp = world // (tp * pp)
+    dp = world // (tp * pp)  # DeepSpeed's data ranks: DP × CP
     model_config = meta["config"]["model"]
     pipeline = pp > 1
     # pieces[name][state][tp_rank] = list of (dp_rank, fragment) in partition order
@@ -165,9 +165,9 @@ def convert(src: Path, out: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for state in STATES:
             torch.save({"param": states[state].contiguous()}, folder / f"{state}.pt")
-    source = {k: meta.get(k, 1) for k in ("world_size", "tp", "pp")}
+    source = {k: meta.get(k, 1) for k in ("world_size", "tp", "pp", "cp")}
     micro, accum = meta["config"]["train"]["micro_batch_size"], meta["config"]["train"]["grad_accum"]
-    dp = source["world_size"] // (source["tp"] * source["pp"])
+    dp = source["world_size"] // (source["tp"] * source["pp"] * source["cp"])
     info = {"format": "fluidlm-universal", "format_version": 1, "step": meta["step"], "tokens": meta["tokens"],
             "adam_step": adam_step, "global_samples": meta["step"] * accum * micro * dp,
             "mlflow_run_id": meta.get("mlflow_run_id"), "source": {**source, "path": str(src)},
