@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     ("info", "fluidlm.info"),
     ("data", "fluidlm.data.cli"),
     ("train", "fluidlm.train.cli"),
+    ("eval", "fluidlm.eval.cli"),
     ("checkpoint", "fluidlm.train.universal"),
     ("launch", "fluidlm.launch.cli"),
 ]

@@ -35,8 +35,14 @@ torchrun --standalone --nproc-per-node="$NPROC" -m fluidlm.train --config "$CONF
 echo "== train, part 2: --resume auto continues from the newest checkpoint (same MLflow run) to step $STEPS"
 torchrun --standalone --nproc-per-node="$NPROC" -m fluidlm.train --config "$CONFIG" --resume auto "${OVERRIDES[@]}"
 
-# ---- EVALUATION: to be added by the lead (issue: long-context evaluation) --------------------
-# e.g. fluidlm eval --checkpoint "$RUN_DIR/checkpoints" --data "$DATA_DIR/val" ...
+# ---- EVALUATION: long-context perplexity of the final checkpoint (fluidlm/eval, README "Evaluation") ----
+# The held-out split's documents (the val split has few, very long ones: split into 8192-token pieces,
+# at most 32k tokens) scored at 256 (the training length), 4× and 16× past it; DA streams each
+# window through its recurrent state. Documents are split across the $NPROC processes.
+echo "== evaluate: perplexity on $DATA_DIR/val at 256, 1024, 4096 tokens (disjoint windows, --stream) → $RUN_DIR/eval"
+torchrun --standalone --nproc-per-node="$NPROC" -m fluidlm.eval --checkpoint "$RUN_DIR" \
+    --data "$DATA_DIR/val/manifest.json" --context-lengths 256,1024,4096 --mode disjoint --stream \
+    --max-doc-tokens 8192 --max-tokens 32768 --out "$RUN_DIR/eval/results.json"
 # -------------------------------------------------------------------------------------------------
 
 MLFLOW_DB=$(cd "$(dirname "$RUN_DIR")" && pwd)/mlflow.db

@@ -1,0 +1,171 @@
+"""DA vs its softmax baseline: same data, steps and seed; perplexity at the training length and
+4× and 16× past it, on the same held-out documents.
+
+    fluidlm data prepare --out data/default --vocab-size 4096 --seq-len 256   # once
+    python bench/compare.py                       # both models, train.steps of configs/tiny-cpu.yaml
+    python bench/compare.py --steps 150           # shorter (≈ 15 min on a 2-core CPU, see README)
+    python bench/compare.py --skip-train          # re-evaluate the runs already in --runs-dir
+
+Both runs use configs/tiny-cpu.yaml; the baseline overrides model.attention=softmax. Both set
+model.max_seq_len = 16 × the training length, so softmax + RoPE may be evaluated at 16× (without
+streaming) and DA's longest initial half-life is the same in both. DA is evaluated with --stream
+(window by window through the recurrent state; equal to the full-window score, tests/test_eval.py),
+softmax with full windows. Windowing: disjoint. Evaluation documents: the val split's documents of
+at least 16 × the training length (so every length fills its window), split into pieces of
+--eval-doc-tokens (the default corpus's val split holds few, very long documents), at most
+--eval-tokens in all.
+
+Writes bench/results/compare.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def sh(cmd: list[str], log: Path) -> float:
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        sys.exit(f"command failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    import yaml
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=None, help="training steps of each model (default: the config's)")
+    p.add_argument("--warmup", type=int, default=None, help="optim.warmup_steps (default: min(config's, steps/10))")
+    p.add_argument("--data", default="data/default", help="folder from `fluidlm data prepare`")
+    p.add_argument("--runs-dir", default="runs/compare")
+    p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun when > 1)")
+    p.add_argument("--multipliers", default="1,4,16", help="evaluation lengths as multiples of the training length")
+    p.add_argument("--eval-tokens", type=int, default=98304, help="at most this many evaluation tokens")
+    p.add_argument("--eval-doc-tokens", type=int, default=None, help="split documents into pieces of this many tokens "
+                                                                          "(default 2 × longest length)")
+    p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs in --runs-dir")
+    p.add_argument("--out", default=str(RESULTS / "compare"), help="output path without suffix")
+    p.add_argument("overrides", nargs="*", help="extra config overrides for both runs (section.key=value)")
+    args = p.parse_args()
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    seq_len = int(cfg["data"]["seq_len"])
+    steps = args.steps or int(cfg["train"]["steps"])
+    warmup = args.warmup if args.warmup is not None else min(int(cfg["optim"]["warmup_steps"]), max(1, steps // 10))
+    mults = [int(m) for m in args.multipliers.split(",")]
+    lengths = [m * seq_len for m in mults]
+    longest = max(lengths)
+    doc_cap = args.eval_doc_tokens or 2 * longest
+    runs = ROOT / args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    log = runs / "compare.log"
+    common = [f"data.dir={args.data}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
+              f"model.max_seq_len={longest}", "checkpoint.every=0", "checkpoint.keep=1", "logging.progress=false",
+              *args.overrides]
+    models = {"da": ["model.attention=da"], "softmax": ["model.attention=softmax"]}
+    timings: dict[str, dict] = {}
+    for name, extra in models.items():
+        run_dir = runs / name
+        timings[name] = {}
+        if not args.skip_train:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+                        if args.nproc > 1 else [sys.executable])
+            timings[name]["train_s"] = sh([*launcher, "-m", "fluidlm.train", "--config", str(CONFIG),
+                                           f"train.run_dir={run_dir}", *common, *extra], log)
+        out = runs / f"eval_{name}.json"
+        cmd = [sys.executable, "-m", "fluidlm.eval", "--checkpoint", str(run_dir), "--data",
+               f"{args.data}/val/manifest.json", "--context-lengths", ",".join(map(str, lengths)), "--mode", "disjoint",
+               "--min-doc-tokens", str(longest + 1), "--max-doc-tokens", str(doc_cap), "--max-tokens",
+               str(args.eval_tokens), "--out", str(out), "--no-progress"]
+        if name == "da":
+            cmd += ["--stream", "--stream-chunk", str(min(2048, longest))]
+        timings[name]["eval_s"] = sh(cmd, log)
+    reports = {name: json.loads((runs / f"eval_{name}.json").read_text()) for name in models}
+    final_loss = {}
+    for name in models:
+        rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        tail = rows[-20:]
+        final_loss[name] = sum(r["loss"] for r in tail) / len(tail)
+
+    summary = {
+        "config": str(CONFIG.relative_to(ROOT)), "steps": steps, "warmup_steps": warmup, "seq_len": seq_len,
+        "max_seq_len": longest, "nproc": args.nproc, "overrides": common, "context_lengths": lengths,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
+        "timings_s": timings, "train_loss_last20": final_loss,
+        "eval_data": {k: reports["da"]["data"][k] for k in ("source", "documents", "tokens", "split_documents")},
+        "reports": reports,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+
+    da, sm = reports["da"]["results"], reports["softmax"]["results"]
+    lines = [f"# DA vs softmax: perplexity past the training length ({seq_len} tokens)", "",
+             f"`python bench/compare.py {' '.join(sys.argv[1:])}` — {CONFIG.relative_to(ROOT)}, {steps} steps each "
+             f"(warm-up {warmup}), same data, seed and batch; model.max_seq_len={longest}; {summary['machine']}.",
+             f"Training time: DA {timings['da'].get('train_s', float('nan')):.0f} s, softmax "
+             f"{timings['softmax'].get('train_s', float('nan')):.0f} s; mean training loss of the last 20 steps: "
+             f"DA {final_loss['da']:.3f}, softmax {final_loss['softmax']:.3f}.",
+             f"Evaluation: {summary['eval_data']['documents']} pieces of {doc_cap} tokens from the val split's documents, "
+             f"{summary['eval_data']['tokens']:,} tokens; disjoint windows; DA streamed (--stream), softmax full windows.",
+             "", "| context | × train | DA ppl | softmax ppl | DA loss | softmax loss | tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b, m in zip(da, sm, mults):
+        lines.append(f"| {a['context_length']} | {m} | {a['perplexity']:.2f} | {b['perplexity']:.2f} | {a['loss']:.4f} | "
+                     f"{b['loss']:.4f} | {a['tokens']:,} |")
+    lines += ["", f"Loss by position at context {longest} (mean NLL per log2 bucket of the position in the window):", "",
+              "| positions | DA loss | softmax loss |", "|---|---|---|"]
+    for x, y in zip(da[-1]["loss_by_position"], sm[-1]["loss_by_position"]):
+        if x["tokens"]:
+            lines.append(f"| {x['start']}–{x['end']} | {x['loss']:.3f} | {y['loss']:.3f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, res in (("DA (stream)", da), ("softmax", sm)):
+        a.plot([r["context_length"] for r in res], [r["perplexity"] for r in res], "o-", label=name)
+    a.axvline(seq_len, color="gray", ls="--", lw=1, label="training length")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("context length (tokens)")
+    a.set_ylabel("perplexity")
+    a.set_title(f"{steps} steps, trained at {seq_len} tokens")
+    a.legend()
+    for name, res in (("DA", da), ("softmax", sm)):
+        for r, style in zip(res, ("-", "--", ":")):
+            pts = [((k["start"] * k["end"]) ** 0.5, k["loss"]) for k in r["loss_by_position"] if k["tokens"]]
+            b.plot(*zip(*pts), style, color="C0" if name == "DA" else "C1", label=f"{name} ctx {r['context_length']}")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("token position in window")
+    b.set_ylabel("mean loss (nats)")
+    b.set_title("loss by position")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print("\n".join(lines))
+    print(f"wrote {out.with_suffix('.md')}, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

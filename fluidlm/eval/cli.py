@@ -1,0 +1,282 @@
+"""`fluidlm eval`: long-context perplexity of a checkpoint (DESIGN.md §7).
+
+    fluidlm eval --checkpoint runs/demo --data data/default/val/manifest.json \\
+        --context-lengths 256,1024,4096 --stream --out runs/demo/eval/results.json
+    torchrun --nproc-per-node=2 -m fluidlm.eval --checkpoint ... (same arguments; documents split across ranks)
+
+--checkpoint: a step_* folder, a checkpoints/ folder, a run folder (its newest complete
+checkpoint) or a universal checkpoint. --data: a shard manifest (or its folder) from `fluidlm
+data prepare` (whole documents are rebuilt from the packed samples), or raw text files, folders
+and .jsonl files, tokenised with the training tokenizer. The data's tokenizer must be the one the
+model was trained with (sha256 checked).
+
+Writes the JSON (--out), a PNG beside it (perplexity vs context; loss vs position per length),
+prints a table, and logs to MLflow (an eval run, child of the training run). Exit code 2 on bad
+input (missing checkpoint, tokenizer mismatch, a context length the model cannot run), with a
+message and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _lengths(text: str) -> list[int]:
+    out = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        mult = 1
+        if item[-1] in "kK":
+            item, mult = item[:-1], 1024
+        try:
+            out.append(int(item) * mult)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--context-lengths: {item!r} is not an integer (e.g. 512,2048,8k)") from None
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="step_* folder, checkpoints/ folder, run folder or universal checkpoint. "
+                                                        "DeepSpeed's files are pickles: load only checkpoints you trust")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="a shard manifest.json (or its folder), e.g. data/default/val/manifest.json; or raw text "
+                        "files/folders/.jsonl ({\"text\": ...}) tokenised with the training tokenizer")
+    p.add_argument("--context-lengths", type=_lengths, required=True, help="comma list, e.g. 512,2048,8192 or 1k,4k")
+    p.add_argument("--out", default=None, help="results JSON (default: <run folder>/eval/results.json); the PNG goes beside it")
+    p.add_argument("--mode", choices=["disjoint", "sliding"], default="disjoint",
+                   help="disjoint: consecutive windows of C tokens, each from an empty state; sliding: windows every "
+                        "--stride tokens, each scoring only tokens no earlier window scored")
+    p.add_argument("--stride", type=int, default=None, help="sliding stride in tokens (default: C/2 for each length C)")
+    p.add_argument("--stream", action="store_true",
+                   help="causal DA: feed each window through forward_stream in --stream-chunk pieces (constant memory; "
+                        "allows lengths beyond model.max_seq_len)")
+    p.add_argument("--stream-chunk", type=int, default=2048, help="tokens per forward_stream call (with --stream)")
+    p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents (pieces; in data order)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop adding documents before this many tokens")
+    p.add_argument("--max-doc-tokens", type=int, default=None, help="split documents longer than N tokens into consecutive pieces of N tokens, "
+                        "each scored as its own document (more, shorter documents from a few long ones)")
+    p.add_argument("--min-doc-tokens", type=int, default=0, help="skip documents (pieces) shorter than N tokens, e.g. the longest "
+                                                                        "context length + 1, so every length fills its window")
+    p.add_argument("--batch-tokens", type=int, default=16384,
+                   help="tokens per forward pass (short windows are packed; a window longer than this runs alone)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model for raw text (default: the training data's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / local processes)")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI (default: the training config's, $MLFLOW_TRACKING_URI, else sqlite:///<run parent>/mlflow.db)")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="long-context perplexity of a checkpoint at several context lengths",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+def _init_distributed(device_choice: str):
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    created = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            created = True
+    return rank, world, device, created
+
+
+# --- MLflow ------------------------------------------------------------------------------------------
+
+def _tracking_uri(args, info) -> str:
+    if args.tracking_uri:
+        return args.tracking_uri
+    cfg_uri = info.config.get("logging", {}).get("tracking_uri")
+    if cfg_uri:
+        return cfg_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = info.run_dir.resolve().parent if info.run_dir is not None else Path.cwd()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
+    """Log the evaluation to MLflow: an eval run in the training run's experiment, tagged with
+    `mlflow.parentRunId` and `fluidlm.train_run_id` (nested under the training run in the UI), plus
+    `eval/perplexity_ctx<C>` on the training run itself at the checkpoint's step. Any failure warns
+    and returns None; evaluation results never depend on MLflow."""
+    stage = "connecting"
+    try:
+        if uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        train_run = None
+        if info.mlflow_run_id:
+            stage = "finding the training run"
+            try:
+                train_run = client.get_run(info.mlflow_run_id)
+            except Exception:
+                train_run = None
+        if train_run is not None:
+            exp_id = train_run.info.experiment_id
+        else:
+            stage = "finding the experiment"
+            name = info.config.get("logging", {}).get("experiment", "fluidlm")
+            exp = client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+        tags = {"fluidlm.kind": "eval", "fluidlm.checkpoint": str(info.path.resolve()), "fluidlm.step": str(info.step)}
+        if train_run is not None:
+            tags.update({"mlflow.parentRunId": info.mlflow_run_id, "fluidlm.train_run_id": info.mlflow_run_id})
+        run_name = f"eval-{info.path.name}-{report['mode']}{'-stream' if report['stream'] else ''}"
+        stage = "creating the eval run"
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        rid = run.info.run_id
+        params = {"mode": report["mode"], "stride": report["stride"], "stream": report["stream"],
+                  "context_lengths": ",".join(str(c) for c in report["context_lengths"]),
+                  "checkpoint": str(info.path), "step": info.step, "data": report["data"]["source"][:400],
+                  "documents": report["data"]["documents"], "tokens": report["data"]["tokens"],
+                  "world_size": report["world_size"], "dtype": report["dtype"]}
+        now = int(time.time() * 1000)
+        metrics = []
+        for r in report["results"]:
+            c = r["context_length"]
+            metrics += [Metric(f"eval/perplexity_ctx{c}", r["perplexity"], now, info.step),
+                        Metric(f"eval/loss_ctx{c}", r["loss"], now, info.step),
+                        Metric("eval/perplexity_vs_context", r["perplexity"], now, c),
+                        Metric("eval/loss_vs_context", r["loss"], now, c)]
+            for b in r["loss_by_position"]:
+                if b["tokens"]:
+                    metrics.append(Metric(f"eval/loss_by_position_ctx{c}", b["loss"], now, b["end"]))
+        stage = "logging to the eval run"
+        client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
+        for i in range(0, len(metrics), 500):
+            client.log_batch(rid, metrics=metrics[i:i + 500])
+        for f in files:
+            if f.exists():
+                client.log_artifact(rid, str(f), "eval")
+        client.set_terminated(rid, "FINISHED")
+        if train_run is not None:
+            stage = "logging to the training run"
+            summary = [m for m in metrics if m.key.startswith(("eval/perplexity_ctx", "eval/loss_ctx"))]
+            client.log_batch(info.mlflow_run_id, metrics=summary)
+        return rid
+    except Exception as exc:  # never let tracking fail an evaluation
+        print(f"WARNING: MLflow logging failed while {stage} at {uri} ({type(exc).__name__}: {str(exc)[:300]}); "
+              "the results are in the JSON file", file=sys.stderr, flush=True)
+        return None
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from fluidlm.eval.perplexity import (EvalError, EvalSpec, check_context_lengths, checkpoint_info, evaluate,
+                                         format_table, load_documents, load_model, plot, resolve_checkpoint)
+
+    rank = int(os.environ.get("RANK", "0"))
+    main = rank == 0
+    t0 = time.perf_counter()
+    try:
+        spec = EvalSpec(context_lengths=list(args.context_lengths), mode=args.mode, stride=args.stride, stream=args.stream,
+                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype)
+        if args.stream_chunk < 1 or args.batch_tokens < 1:
+            raise EvalError("--stream-chunk and --batch-tokens must be positive")
+        path = resolve_checkpoint(args.checkpoint)
+        info = checkpoint_info(path)
+        check_context_lengths(spec, info.config["model"])
+        docs, data = load_documents(args.data, info, tokenizer=args.tokenizer, max_docs=args.max_docs,
+                                    max_tokens=args.max_tokens, min_doc_tokens=args.min_doc_tokens,
+                                    max_doc_tokens=args.max_doc_tokens, quiet=not main)
+        rank, world, device, created = _init_distributed(args.device)
+        main = rank == 0
+        import torch
+
+        if device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
+        model = load_model(info, device)
+    except (EvalError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+    out = Path(args.out) if args.out else (info.run_dir or Path(".")) / "eval" / "results.json"
+    model_cfg = info.config["model"]
+    train_len = int(info.config["data"]["seq_len"])
+    if main:
+        print(f"eval {path} (step {info.step}, {model_cfg['attention']}, weights: {info.source}) on {data.documents} "
+              f"documents / {data.tokens:,} tokens from {data.source}; world {world}, {device}", flush=True)
+    results = evaluate(model, docs, spec, rank=rank, world=world, device=device, progress=args.progress and main)
+    report = {
+        "format": "fluidlm-eval", "format_version": 1,
+        "checkpoint": str(path), "step": info.step, "train_run_id": info.mlflow_run_id, "weights": info.source,
+        "model": {"attention": model_cfg["attention"], "max_seq_len": model_cfg["max_seq_len"],
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "train_seq_len": train_len,
+        "data": data.as_dict(),
+        "mode": spec.mode, "stride": spec.stride if spec.mode == "sliding" else None,
+        "stream": spec.stream, "stream_chunk": spec.stream_chunk if spec.stream else None,
+        "context_lengths": spec.context_lengths,
+        "world_size": world, "device": str(device), "dtype": spec.dtype,
+        "results": [{**r, "beyond_training_length": r["context_length"] > train_len} for r in results],
+    }
+    code = 0
+    if main:
+        report["seconds"] = time.perf_counter() - t0
+        report["mlflow_eval_run_id"] = None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        files = [out]
+        if args.plot:
+            try:
+                files.append(plot(report, out.with_suffix(".png")))
+            except Exception as exc:  # a plot is never worth failing the evaluation
+                print(f"WARNING: plot failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(format_table(report), flush=True)
+        if args.mlflow:
+            report["mlflow_eval_run_id"] = log_mlflow(report, files, _tracking_uri(args, info), info)
+            out.write_text(json.dumps(report, indent=2))
+        print(f"results: {out}" + (f", {files[1]}" if len(files) > 1 else ""), flush=True)
+    if world > 1 and created:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluidlm.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
