@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+
 import torch
 
 from fluidlm.kernels.chunked import chunked_differential_attention
@@ -15,12 +18,59 @@ BACKENDS = {
     "chunked": chunked_differential_attention,
 }
 
+# The Triton backend is registered only when triton is installed, and triton itself is imported
+# lazily, on first use of the backend: Triton reads TRITON_INTERPRET when `import triton` decorates its
+# own library kernels and when a kernel is decorated, so importing it here would fix the mode for
+# every later user of fluidlm.kernels. A broken install (the import raises) falls back on first use.
+_TRITON_IMPORT_ERROR: BaseException | None = (
+    None if importlib.util.find_spec("triton") is not None else ImportError("No module named 'triton'")
+)
+_TRITON_BROKEN: str | None = None  # set after a compile/launch failure on a CUDA device
+_FALLBACK_WARNED = False
+
+
+def _triton_backend(q, k, v, g, **kwargs):
+    """backend="triton": the fused kernels, or `chunked` (one warning per process) when Triton is
+    missing, cannot run on these tensors, or fails to compile/launch."""
+    global _TRITON_BROKEN
+    reason = None
+    if _TRITON_IMPORT_ERROR is not None:
+        reason = f"triton is not importable ({type(_TRITON_IMPORT_ERROR).__name__}: {_TRITON_IMPORT_ERROR})"
+    elif _TRITON_BROKEN is not None:
+        reason = _TRITON_BROKEN
+    else:
+        try:
+            from fluidlm.kernels import triton_da
+
+            return triton_da.triton_differential_attention(q, k, v, g, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001  (any failure: fall back, never crash)
+            reason = f"triton DA kernels failed ({type(err).__name__}: {err})"
+            if q.is_cuda or isinstance(err, ImportError):
+                _TRITON_BROKEN = reason
+    _warn_fallback(reason)
+    return chunked_differential_attention(q, k, v, g, **kwargs)
+
+
+def _warn_fallback(reason: str) -> None:
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(f"{reason}; falling back to the chunked torch backend", RuntimeWarning, stacklevel=4)
+
+
+if _TRITON_IMPORT_ERROR is None:
+    BACKENDS["triton"] = _triton_backend
+
 
 def available_backends() -> list[str]:
     return list(BACKENDS)
 
 
 def _pick_auto(q: torch.Tensor) -> str:
+    if q.is_cuda and "triton" in BACKENDS and _TRITON_BROKEN is None:
+        return "triton"
     return "chunked"
 
 
@@ -44,10 +94,13 @@ def differential_attention(
     fp64 inputs). `causal=False` is the bidirectional form. `cu_seqlens` (int, B = 1, documents
     packed along N, FlashAttention's convention: [0, n_1, n_1+n_2, ..., N]) resets the state at
     each document start, so the result equals running each document on its own.
+
+    `backend="auto"` uses `triton` (fused kernels, fluidlm/kernels/triton_da.py) on CUDA tensors and
+    `chunked` elsewhere; a missing or failing Triton falls back to `chunked` with one warning.
     """
     _validate(q, k, v, g, feature_map, eps, backend, cu_seqlens, chunk_size)
     name = _pick_auto(q) if backend == "auto" else backend
-    o = BACKENDS[name](
+    o = BACKENDS.get(name, _triton_backend)(
         q, k, v, g, causal=causal, feature_map=feature_map, eps=eps, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
     )
@@ -83,7 +136,8 @@ def _validate(q, k, v, g, feature_map, eps, backend, cu_seqlens, chunk_size) -> 
         raise ValueError("g is a log-decay and must be <= 0 everywhere (g = -λ·Δ); got positive values")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; choose one of {FEATURE_MAPS}")
-    if backend != "auto" and backend not in BACKENDS:
+    # "triton" is always accepted: without a working Triton it falls back to chunked with a warning
+    if backend not in ("auto", "triton") and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
