@@ -58,7 +58,7 @@ def test_tp2_reproduces_the_single_process_run_and_resumes_exactly(setup):
     path = write_config(tmp / "tp2.yaml", cfg)
     proc = run(["-m", "fluidlm.train", "--config", str(path)], 2, tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "pp 1 × dp 1 × tp 2" in proc.stdout
+    assert "pp 1 × dp 1 × cp 1 × tp 2" in proc.stdout
     single, tp2 = losses(tmp / "runs" / "single"), losses(tmp / "runs" / "tp2")
     assert list(single) == list(tp2) == list(range(1, steps + 1))
     assert max(abs(single[k] - tp2[k]) for k in single) <= TP_TOLERANCE, (single, tp2)
@@ -94,7 +94,7 @@ def test_dp2_tp2_reproduces_the_single_process_run(setup):
                                                          parallel={"tp": 2}, train={"steps": steps}))
     proc = run(["-m", "fluidlm.train", "--config", str(path)], 4, tmp, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "pp 1 × dp 2 × tp 2" in proc.stdout
+    assert "pp 1 × dp 2 × cp 1 × tp 2" in proc.stdout
     single, got = losses(tmp / "runs" / "single"), losses(tmp / "runs" / "dp2tp2")
     assert max(abs(single[k] - got[k]) for k in single) <= TP_TOLERANCE, (single, got)
 
@@ -108,7 +108,7 @@ def test_pipeline_stages_reproduce_the_single_process_run(setup, tp, pp):
     path = write_config(tmp / f"{name}.yaml", cfg)
     proc = run(["-m", "fluidlm.train", "--config", str(path)], tp * pp, tmp, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert f"pp {pp} × dp 1 × tp {tp}" in proc.stdout
+    assert f"pp {pp} × dp 1 × cp 1 × tp {tp}" in proc.stdout
     single, got = losses(tmp / "runs" / "single"), losses(tmp / "runs" / name)
     assert list(got) == list(range(1, steps + 1))
     assert max(abs(single[k] - got[k]) for k in single) <= TP_TOLERANCE, (single, got)
@@ -157,16 +157,17 @@ def test_changing_layout_through_a_universal_checkpoint(setup):
     assert proc.returncode == 2 and "different model" in proc.stderr, proc.stderr
 
 
-def test_activation_checkpointing_replays_dropout_under_tp(setup):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_activation_checkpointing_replays_dropout(setup, tp, pp):
     """One RNG mechanism: recompute in backward replays the forward's dropout masks (torch's
-    checkpoint restores the generator it saved), so TP=2 with dropout trains identically with
-    activation checkpointing on and off."""
+    checkpoint restores the generator it saved), so TP=2 and PP=2 (checkpointing inside the
+    stages) with dropout train identically with activation checkpointing on and off."""
     tmp, data, _ = setup
     got = {}
     for ckpt in (False, True):
-        name = f"tp2-drop-ckpt{int(ckpt)}"
+        name = f"tp{tp}pp{pp}-drop-ckpt{int(ckpt)}"
         path = write_config(tmp / f"{name}.yaml", tiny_config(data, tmp / "runs" / name, model={"dropout": 0.2},
-                                                              parallel={"tp": 2},
+                                                              parallel={"tp": tp, "pp": pp},
                                                               train={"steps": 3, "activation_checkpointing": ckpt}))
         proc = run(["-m", "fluidlm.train", "--config", str(path)], 2, tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
