@@ -172,6 +172,25 @@ def test_data_parallel_equals_single_process(trained):
         assert [x["tokens"] for x in a["loss_by_position"]] == [x["tokens"] for x in b["loss_by_position"]]
 
 
+def test_context_parallel_equals_single_process(trained):
+    """--cp 2: every packed row of windows split across 2 ranks (DA state passed between them)."""
+    args = ["--context-lengths", "8,64,128", "--mode", "disjoint"]
+    single = evaluate_to(trained, "cp1", args)
+    out = trained["tmp"] / "out" / "cp2.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fluidlm.eval", "--checkpoint", str(trained["ckpt"]), "--data", str(trained["val"]),
+                           "--out", str(out), "--no-mlflow", "--no-plot", "--threads", "1", "--cp", "2", *args],
+                          cwd=trained["tmp"], env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    split = json.loads(out.read_text())
+    assert split["cp"] == 2
+    for a, b in zip(single["results"], split["results"]):
+        assert (a["tokens"], a["documents"], a["short_documents"], a["windows"]) == \
+               (b["tokens"], b["documents"], b["short_documents"], b["windows"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
 def test_bad_input_exits_2_with_a_message(trained, capsys):
     base = ["--data", str(trained["val"]), "--out", str(trained["tmp"] / "out" / "bad.json")]
     code, err = run_eval(["--checkpoint", str(trained["tmp"] / "nope"), "--context-lengths", "16", *base], capsys)

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal DA: feed each window through forward_stream in --stream-chunk pieces (constant memory; "
                         "allows lengths beyond model.max_seq_len)")
     p.add_argument("--stream-chunk", type=int, default=2048, help="tokens per forward_stream call (with --stream)")
+    p.add_argument("--cp", type=int, default=1, help="context parallelism under torchrun (DA): every packed row of "
+                                                      "windows is split across this many ranks, which pass the DA state "
+                                                      "between them; must divide the number of processes")
     p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents (pieces; in data order)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop adding documents before this many tokens")
     p.add_argument("--max-doc-tokens", type=int, default=None, help="split documents longer than N tokens into consecutive pieces of N tokens, "
@@ -209,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         spec = EvalSpec(context_lengths=list(args.context_lengths), mode=args.mode, stride=args.stride, stream=args.stream,
-                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype)
+                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype, cp=args.cp)
         if args.stream_chunk < 1 or args.batch_tokens < 1:
             raise EvalError("--stream-chunk and --batch-tokens must be positive")
         path = resolve_checkpoint(args.checkpoint)
@@ -226,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
         model = load_model(info, device)
+        if args.cp > 1 and (args.stream or world % args.cp or info.config["model"]["attention"] != "da"):
+            raise EvalError(f"--cp {args.cp} needs a DA model, no --stream, and a number of processes it divides "
+                            f"(got attention={info.config['model']['attention']!r}, stream={args.stream}, world {world})")
     except (EvalError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": spec.mode, "stride": spec.stride if spec.mode == "sliding" else None,
         "stream": spec.stream, "stream_chunk": spec.stream_chunk if spec.stream else None,
         "context_lengths": spec.context_lengths,
-        "world_size": world, "device": str(device), "dtype": spec.dtype,
+        "world_size": world, "cp": spec.cp, "device": str(device), "dtype": spec.dtype,
         "results": [{**r, "beyond_training_length": r["context_length"] > train_len} for r in results],
     }
     code = 0

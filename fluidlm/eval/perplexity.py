@@ -374,6 +374,7 @@ class EvalSpec:
     stream_chunk: int = 2048
     batch_tokens: int = 16384
     dtype: str = "fp32"                  # "fp32" | "bf16" (autocast)
+    cp: int = 1                          # context parallelism: each packed row split across this many ranks
 
     def stride_for(self, c: int) -> int | None:
         if self.mode != "sliding":
@@ -454,9 +455,13 @@ class Accumulator:
         self.count += torch.bincount(bucket, minlength=self.nb).double()
 
 
-def _score_packed(model, docs, windows, device, acc: Accumulator, autocast) -> int:
+CP_MIN_SHARD = 32  # ≥ the PDE halo (max(scales)·steps, 16 by default) and the flow conv's 3 tokens
+
+
+def _score_packed(model, docs, windows, device, acc: Accumulator, autocast, cp=None) -> int:
     """Non-streaming: windows packed into one sequence (cu_seqlens: each window is its own
-    document for the model). Returns tokens scored."""
+    document for the model). `cp` = (group, size, rank): score this rank's shard of the row.
+    Returns tokens scored (by this rank)."""
     toks, tgts, cu, keep, pos = [], [], [0], [], []
     for d, start, length, score_from in windows:
         doc = docs[d]
@@ -467,11 +472,27 @@ def _score_packed(model, docs, windows, device, acc: Accumulator, autocast) -> i
         mask[score_from:] = True
         keep.append(mask)
         pos.append(np.arange(1, length + 1))
+    if cp is not None:  # context parallelism: pad the row (an unscored document) to cp equal shards
+        group, cp_size, cp_rank = cp
+        total = max(cu[-1], cp_size * CP_MIN_SHARD)
+        total = -(-total // cp_size) * cp_size
+        if total > cu[-1]:
+            pad = total - cu[-1]
+            toks.append(np.zeros(pad, dtype=toks[0].dtype))
+            tgts.append(np.zeros(pad, dtype=tgts[0].dtype))
+            keep.append(np.zeros(pad, dtype=bool))
+            pos.append(np.ones(pad, dtype=np.int64))
+            cu.append(total)
     tokens = torch.from_numpy(np.concatenate(toks)).to(device)[None]
     targets = torch.from_numpy(np.concatenate(tgts)).to(device)
     keep_t = torch.from_numpy(np.concatenate(keep)).to(device)
     positions = torch.from_numpy(np.concatenate(pos)).to(device)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int64, device=device) if len(windows) > 1 else None
+    cu_seqlens = torch.tensor(cu, dtype=torch.int64, device=device) if len(cu) > 2 else None
+    if cp is not None:  # this rank's contiguous shard; the layers see the global cu_seqlens
+        n = tokens.shape[1] // cp_size
+        sl = slice(cp_rank * n, (cp_rank + 1) * n)
+        tokens, targets, keep_t, positions = tokens[:, sl], targets[sl], keep_t[sl], positions[sl]
+        cu_seqlens = cu_seqlens if cu_seqlens is not None else torch.tensor([0, total], device=device)
     with autocast():
         hidden = model.hidden_states(tokens, cu_seqlens)[0]
         nll = _nll(model, hidden[keep_t], targets[keep_t])
@@ -506,6 +527,21 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
     """Score `docs` at every context length; under a process group (world > 1) each rank scores
     its share and the sums are all-reduced. Returns one result dict per context length."""
     device = device or next(model.parameters()).device
+    progress = progress and rank == 0
+    cp = None
+    if spec.cp > 1:  # ranks (r // cp) share documents; each scores a shard of every packed row
+        if spec.stream:
+            raise EvalError("--cp and --stream do not combine: streaming already scores any length on one rank")
+        if world % spec.cp:
+            raise EvalError(f"--cp {spec.cp} does not divide the world size {world}")
+        import torch.distributed as dist
+
+        from fluidlm.parallel.context import apply_context_parallel
+
+        groups = [dist.new_group(list(range(g, g + spec.cp))) for g in range(0, world, spec.cp)]
+        cp = (groups[rank // spec.cp], spec.cp, rank % spec.cp)
+        apply_context_parallel(model, cp[0])
+        rank, world = rank // spec.cp, world // spec.cp
     mine = assign_documents([len(d) for d in docs], world)[rank]
     if device.type == "cuda" and spec.dtype == "bf16":
         def autocast():
@@ -524,7 +560,7 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
         plans[c] = plan
         total += sum(n - f for _, _, n, f in plan)
     bar = None
-    if progress and rank == 0:
+    if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="eval", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
@@ -552,7 +588,7 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
                 batch, used = [], 0
                 for w in plan + [None]:
                     if batch and (w is None or used + w[2] > cap):
-                        n = _score_packed(model, docs, batch, device, acc, autocast)
+                        n = _score_packed(model, docs, batch, device, acc, autocast, cp)
                         if bar is not None:
                             bar.update(n)
                         batch, used = [], 0
@@ -560,9 +596,12 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
                         batch.append(w)
                         used += w[2]
             short = sum(1 for d in mine if len(docs[d]) - 1 < c)
-            counts = torch.tensor([short, len(mine), len(plan)], dtype=torch.float64, device=device)
+            # (under CP the sums add up shards; the document counts are counted once per CP group)
+            owner = cp is None or cp[2] == 0
+            counts = torch.tensor([short, len(mine), len(plan)] if owner else [0, 0, 0], dtype=torch.float64,
+                                  device=device)
             packed = torch.cat([acc.nll, acc.count, counts])
-            if world > 1:
+            if world > 1 or cp is not None:
                 import torch.distributed as dist
 
                 dist.all_reduce(packed)
