@@ -172,19 +172,22 @@ def test_data_parallel_equals_single_process(trained):
         assert [x["tokens"] for x in a["loss_by_position"]] == [x["tokens"] for x in b["loss_by_position"]]
 
 
-def test_context_parallel_equals_single_process(trained):
-    """--cp 2: every packed row of windows split across 2 ranks (DA state passed between them)."""
-    args = ["--context-lengths", "8,64,128", "--mode", "disjoint"]
-    single = evaluate_to(trained, "cp1", args)
-    out = trained["tmp"] / "out" / "cp2.json"
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--tp", "2"], ["--tp", "2", "--stream", "--stream-chunk", "16"]])
+def test_context_and_tensor_parallel_equal_single_process(trained, layout):
+    """--cp 2: every packed row of windows split across 2 ranks (DA state passed between them);
+    --tp 2: the model split by heads/FFN/vocabulary (vocab-parallel cross-entropy), packed and streamed."""
+    args = ["--context-lengths", "8,64,128", "--mode", "disjoint"] + (["--stream", "--stream-chunk", "16"]
+                                                                       if "--stream" in layout else [])
+    single = evaluate_to(trained, "single-" + "-".join(layout), args)
+    out = trained["tmp"] / "out" / ("split-" + "-".join(layout) + ".json")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "fluidlm.eval", "--checkpoint", str(trained["ckpt"]), "--data", str(trained["val"]),
-                           "--out", str(out), "--no-mlflow", "--no-plot", "--threads", "1", "--cp", "2", *args],
+                           "--out", str(out), "--no-mlflow", "--no-plot", "--threads", "1", *layout[:2], *args],
                           cwd=trained["tmp"], env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     split = json.loads(out.read_text())
-    assert split["cp"] == 2
+    assert split[layout[0].lstrip("-")] == 2
     for a, b in zip(single["results"], split["results"]):
         assert (a["tokens"], a["documents"], a["short_documents"], a["windows"]) == \
                (b["tokens"], b["documents"], b["short_documents"], b["windows"])

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="causal DA: feed each window through forward_stream in --stream-chunk pieces (constant memory; "
                         "allows lengths beyond model.max_seq_len)")
     p.add_argument("--stream-chunk", type=int, default=2048, help="tokens per forward_stream call (with --stream)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism under torchrun: each group of this many ranks "
+                                                      "holds one copy of the model split by heads, FFN units and "
+                                                      "vocabulary (megatron-core layers); must divide the processes")
     p.add_argument("--cp", type=int, default=1, help="context parallelism under torchrun (DA): every packed row of "
                                                       "windows is split across this many ranks, which pass the DA state "
                                                       "between them; must divide the number of processes")
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         spec = EvalSpec(context_lengths=list(args.context_lengths), mode=args.mode, stride=args.stride, stream=args.stream,
-                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype, cp=args.cp)
+                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype, cp=args.cp, tp=args.tp)
         if args.stream_chunk < 1 or args.batch_tokens < 1:
             raise EvalError("--stream-chunk and --batch-tokens must be positive")
         path = resolve_checkpoint(args.checkpoint)
@@ -232,6 +235,16 @@ def run(args: argparse.Namespace) -> int:
         if args.cp > 1 and (args.stream or world % args.cp or info.config["model"]["attention"] != "da"):
             raise EvalError(f"--cp {args.cp} needs a DA model, no --stream, and a number of processes it divides "
                             f"(got attention={info.config['model']['attention']!r}, stream={args.stream}, world {world})")
+        if args.tp > 1:
+            if args.cp > 1:
+                raise EvalError("--tp and --cp do not combine in fluidlm eval yet; use one of them")
+            from fluidlm.eval.perplexity import shard_model
+            from fluidlm.model.config import ModelConfig
+            from fluidlm.parallel.topology import Layout, init_model_parallel
+
+            ModelConfig.model_validate(info.config["model"]).check_tensor_parallel(args.tp)
+            init_model_parallel(Layout.from_world(world, tp=args.tp))
+            model = shard_model(model, args.tp)
     except (EvalError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -253,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": spec.mode, "stride": spec.stride if spec.mode == "sliding" else None,
         "stream": spec.stream, "stream_chunk": spec.stream_chunk if spec.stream else None,
         "context_lengths": spec.context_lengths,
-        "world_size": world, "cp": spec.cp, "device": str(device), "dtype": spec.dtype,
+        "world_size": world, "tp": spec.tp, "cp": spec.cp, "device": str(device), "dtype": spec.dtype,
         "results": [{**r, "beyond_training_length": r["context_length"] > train_len} for r in results],
     }
     code = 0

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 class EvalError(ValueError):
@@ -149,6 +148,18 @@ def checkpoint_info(path: Path) -> CheckpointInfo:
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return CheckpointInfo(path=path, config=meta["config"], step=int(meta["step"]), mlflow_run_id=run_id,
                           run_dir=run_dir, source="")
+
+
+def shard_model(model, tp: int):
+    """The TP = `tp` version of a dense FluidLM (megatron-core's groups must exist): this rank's
+    heads, FFN units and vocabulary rows, cut from the dense weights."""
+    from fluidlm.model import FluidLM
+    from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
+
+    layers = TensorParallelLayers()
+    sharded = FluidLM(model.config, layers).to(next(model.parameters()).device)
+    sharded.load_state_dict(shard_state_dict(model.state_dict(), sharded, layers.tp_rank, layers.tp_size), strict=False)
+    return sharded.eval()
 
 
 def load_model(info: CheckpointInfo, device: torch.device):
@@ -375,6 +386,7 @@ class EvalSpec:
     batch_tokens: int = 16384
     dtype: str = "fp32"                  # "fp32" | "bf16" (autocast)
     cp: int = 1                          # context parallelism: each packed row split across this many ranks
+    tp: int = 1                          # tensor parallelism: the model's heads/FFN/vocabulary split across ranks
 
     def stride_for(self, c: int) -> int | None:
         if self.mode != "sliding":
@@ -436,8 +448,8 @@ def _nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) 
     """Per-token NLL (float64) of hidden (M, d) against targets (M,), logits in chunks."""
     out = []
     for s in range(0, hidden.shape[0], chunk):
-        logits = model.parallel.lm_logits(hidden[s:s + chunk], model.embed.weight).float()
-        out.append(F.cross_entropy(logits, targets[s:s + chunk], reduction="none").double())
+        logits = model.parallel.lm_logits(hidden[s:s + chunk], model.embed.weight)
+        out.append(model.parallel.token_nll(logits, targets[s:s + chunk]).double())  # vocab-parallel under TP
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float64)
 
 
@@ -515,7 +527,7 @@ def _score_stream(model, docs, windows, device, acc: Accumulator, chunk: int, au
         offsets = torch.arange(a, b, device=device)
         keep = offsets[None, :] >= score_from[:, None]  # (B, n)
         if keep.any():
-            nll = F.cross_entropy(logits[keep].float(), targets[:, a:b][keep], reduction="none").double()
+            nll = model.parallel.token_nll(logits[keep], targets[:, a:b][keep]).double()
             acc.add(nll, (offsets[None, :] + 1).expand_as(keep)[keep])
             scored += int(keep.sum())
         del logits
@@ -542,6 +554,12 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
         cp = (groups[rank // spec.cp], spec.cp, rank % spec.cp)
         apply_context_parallel(model, cp[0])
         rank, world = rank // spec.cp, world // spec.cp
+    tp_rank = 0
+    if spec.tp > 1:  # the TP group scores the same windows; rank `tp_rank == 0` reports them
+        from megatron.core import parallel_state as ps
+
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = assign_documents([len(d) for d in docs], world)[rank]
     if device.type == "cuda" and spec.dtype == "bf16":
         def autocast():
@@ -597,11 +615,13 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
                         used += w[2]
             short = sum(1 for d in mine if len(docs[d]) - 1 < c)
             # (under CP the sums add up shards; the document counts are counted once per CP group)
-            owner = cp is None or cp[2] == 0
+            owner = (cp is None or cp[2] == 0) and tp_rank == 0
             counts = torch.tensor([short, len(mine), len(plan)] if owner else [0, 0, 0], dtype=torch.float64,
                                   device=device)
             packed = torch.cat([acc.nll, acc.count, counts])
-            if world > 1 or cp is not None:
+            if tp_rank:  # TP ranks hold the same sums: count them once
+                packed[:2 * acc.nb] = 0
+            if world > 1 or cp is not None or spec.tp > 1:
                 import torch.distributed as dist
 
                 dist.all_reduce(packed)

@@ -44,9 +44,14 @@ class DenseLayers:
         """Logits of the LM head tied to the embedding (this rank's vocabulary shard under TP)."""
         return F.linear(hidden, weight)
 
+    def token_nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (fp32) of logits (M, vocab; this rank's shard under TP) and targets (M,)."""
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
     def lm_loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Σ cross-entropy over tokens (targets -100 ignored), full-vocabulary softmax."""
-        return F.cross_entropy(self.lm_logits(hidden, weight).float(), targets, ignore_index=-100, reduction="sum")
+        """Σ cross-entropy over tokens (targets -100 ignored)."""
+        valid = targets != -100
+        return (self.token_nll(self.lm_logits(hidden, weight), targets.clamp(min=0)) * valid).sum()
 
 
 def _normal_linear(in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Linear:

@@ -89,13 +89,10 @@ class TensorParallelLayers(DenseLayers):
     def lm_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(_copy_to_tp(hidden, self.group), weight)
 
-    def lm_loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def token_nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        valid = targets != -100
-        logits = self.lm_logits(hidden, weight).float()
-        per_token = vocab_parallel_cross_entropy(logits[None], targets.clamp(min=0)[None])[0]
-        return (per_token * valid).sum()
+        return vocab_parallel_cross_entropy(logits.float()[None], targets[None])[0]
 
 
 def _mark_sliced(param: nn.Parameter, dim: int) -> nn.Parameter:
