@@ -42,6 +42,10 @@ def runs(tmp_path_factory):
         {"name": "z3_straight", "config": cfg("z3_straight", parallel={"zero_stage": 3})},
         {"name": "z3_a", "config": cfg("z3", parallel={"zero_stage": 3}, train={"stop_at": 3})},
         {"name": "z3_b", "config": cfg("z3", parallel={"zero_stage": 3}), "resume": "auto"},
+        # bf16 (the GPU precision; DeepSpeed's BF16_Optimizer names its files bf16_zero_pp_rank_*)
+        {"name": "bf16_straight", "config": cfg("bf16_straight", train={"precision": "bf16"})},
+        {"name": "bf16_a", "config": cfg("bf16", train={"precision": "bf16", "stop_at": 3})},
+        {"name": "bf16_b", "config": cfg("bf16", train={"precision": "bf16"}), "resume": "auto"},
         {"name": "mlflow_down", "config": cfg("mlflow_down", logging={"mlflow": True, "tracking_uri": "http://127.0.0.1:9"})},
     ]
     jobs_path, out = tmp / "jobs.json", tmp / "results.json"
@@ -81,6 +85,18 @@ def test_zero3_checkpoints_resume_exactly(runs):
     assert res["z3_a"]["code"] == 0 and res["z3_b"]["code"] == 0, res["z3_b"]
     assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in os.listdir(runs["runs"] / "z3" / "checkpoints" / "step_00000008")
     assert losses(runs["runs"] / "z3") == losses(runs["runs"] / "z3_straight")
+
+
+def test_bf16_checkpoints_resume_exactly_and_convert(runs, tmp_path):
+    res = runs["results"]
+    assert res["bf16_a"]["code"] == 0 and res["bf16_b"]["code"] == 0, res["bf16_b"]
+    final = runs["runs"] / "bf16" / "checkpoints" / "step_00000008"
+    assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt" in os.listdir(final)
+    assert losses(runs["runs"] / "bf16") == losses(runs["runs"] / "bf16_straight")
+    from fluidlm.train.universal import convert, read_info
+
+    info = read_info(convert(final, tmp_path / "universal"))
+    assert info["step"] == 8 and "embed.weight" in info["parameters"]
 
 
 def test_killed_save_leaves_latest_on_the_previous_checkpoint(runs):

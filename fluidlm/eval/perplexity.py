@@ -121,7 +121,7 @@ def read_checkpoint_state(path: Path) -> tuple[dict, dict, str]:
         if all(v.dtype == torch.float32 for v in module.values() if v.is_floating_point()) or stage == 0:
             return meta, {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, \
                 "DeepSpeed module weights"
-    if stage in (1, 2):  # bf16 module weights, or a TP/PP layout: glue the fp32 master partitions
+    if stage in (1, 2) or meta.get("bf16"):  # bf16 module weights, or a TP/PP layout: glue the fp32 master partitions
         from fluidlm.train.universal import gather_checkpoint
 
         try:

@@ -8,6 +8,7 @@ Layout of `<run_dir>/checkpoints/`:
       mp_rank_00_model_states.pt     DeepSpeed: module weights, LR scheduler, step counters
                                      (ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank)
       zero_pp_rank_R_mp_rank_00_optim_states.pt   DeepSpeed: ZeRO optimizer shard of DP rank R
+                                     (bf16 runs: bf16_zero_pp_rank_R_…, even at ZeRO stage 0)
       client/rank_00000.pt           this rank's RNG states (python, numpy, torch, CUDA) and loader
                                      position: plain tensors/ints, loadable with weights_only=True
       client_state.json              step, tokens seen, MLflow run id, world size, resolved config;
@@ -102,11 +103,17 @@ def problems(path: Path) -> list[str]:
         expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(mp)]
     else:
         expected = [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
-    if stage > 0:
-        expected += [f"zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for d in range(dp) for m in range(mp)]
+    if stage > 0 or meta.get("bf16"):  # bf16 always trains through a partitioned (BF16_Optimizer/ZeRO) optimizer
+        expected += [optim_file(meta, d, m) for d in range(dp) for m in range(mp)]
     expected += [f"client/rank_{r:05d}.pt" for r in range(world)]
     missing = [name for name in expected if not (path / name).is_file()]
     return [f"missing {m}" for m in missing]
+
+
+def optim_file(meta: dict, dp_rank: int, mp_rank: int) -> str:
+    """DeepSpeed's name for the optimizer partition of (data rank, model-parallel rank); bf16 runs
+    get a `bf16_` prefix."""
+    return f"{'bf16_' if meta.get('bf16') else ''}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:

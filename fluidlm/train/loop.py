@@ -28,7 +28,7 @@ from fluidlm.parallel.pipeline import pipeline_batches
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.checkpoint import CheckpointError
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
+from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, use_bf16, flops_per_token, init_distributed,
                                   seed_everything)
 from fluidlm.train.tracking import Tracker
 from fluidlm.train.universal import is_universal, load_into_engine
@@ -142,6 +142,7 @@ def train(config: Config, resume_from=None) -> int:
     def save(step_progress: Progress, loader_state: dict, rng: dict) -> None:
         meta = {"step": step_progress.step, "tokens": step_progress.tokens,
                 "mlflow_run_id": step_progress.mlflow_run_id, "zero_stage": config.parallel.zero_stage,
+                "bf16": use_bf16(config),
                 "tp": layout.tp, "pp": layout.pp, "cp": layout.cp,
                 "config": config.to_dict()}
         ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fluidlm.train.checkpoint import CheckpointError, problems, read_meta, resolve_resume
+from fluidlm.train.checkpoint import CheckpointError, optim_file, problems, read_meta, resolve_resume
 
 UNIVERSAL_JSON = "universal.json"
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -70,9 +70,9 @@ def gather_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
         raise CheckpointError(f"{path} is not a complete checkpoint: {'; '.join(issues)}")
     meta = read_meta(path)
     stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    if stage not in (1, 2):
+    if stage not in (1, 2) and not (stage == 0 and meta.get("bf16")):
         raise CheckpointError(f"{path} was saved with parallel.zero_stage={stage}; conversion reads ZeRO stage 1 or 2 "
-                              "optimizer partitions (train with parallel.zero_stage=1, the default)")
+                              "(or bf16) optimizer partitions (train with parallel.zero_stage=1, the default)")
     world = meta["world_size"]
     dp = world // (tp * pp)  # DeepSpeed's data ranks: DP × CP
     model_config = meta["config"]["model"]
@@ -91,7 +91,7 @@ def gather_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
                 owner.setdefault(dense, stage)
                 shapes.setdefault(dense, {})[tp_rank] = torch.Size(shape)
         for d in range(dp):
-            optim = _load(path / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
+            optim = _load(path / optim_file(meta, d, mp))["optimizer_state_dict"]
             flat_fp32 = optim["single_partition_of_fp32_groups"]
             base_state = optim["base_optimizer_state"]["state"]
             for g, mapping in enumerate(optim["param_slice_mappings"]):
