@@ -151,8 +151,8 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
     """The checks `fluidlm train` would make, for a world of `world` ranks, plus the data files
     and the run folder. Returns (config, the checkpoint --resume auto would load or None)."""
     from fluidlm.data import DataError
-    from fluidlm.parallel.topology import Layout
-    from fluidlm.train.checkpoint import CheckpointError, read_meta, resolve_resume
+    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
+    from fluidlm.train.cli import check_layout, check_resume
     from fluidlm.train.config import ConfigError, load_config, preflight
 
     try:
@@ -162,10 +162,9 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
         raise LaunchError(str(exc)) from None
     p = config.parallel
     try:
-        Layout.from_world(world, p.tp, p.pp, p.cp)
-        config.model.check_tensor_parallel(p.tp)
-    except ValueError as exc:
-        raise LaunchError(f"parallel: {exc} (world = --nnodes × --nproc-per-node = {world})") from None
+        check_layout(config, world)  # (heads/FFN/vocabulary vs tp: already checked by load_config)
+    except ConfigError as exc:
+        raise LaunchError(f"{exc} (world = --nnodes × --nproc-per-node = {world})") from None
 
     import torch
 
@@ -195,21 +194,14 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
         raise LaunchError(f"train.run_dir={config.train.run_dir!r} is not writable from this node ({exc}); "
                           "checkpoints go there: use a folder on a file system every node can write") from None
 
+    resume_from = None
     try:
         resume_from = resolve_resume("auto", config.checkpoint_dir)
+        if resume_from is not None:
+            check_resume(resume_from, config, world)
     except CheckpointError as exc:
-        raise LaunchError(str(exc)) from None
-    if resume_from is not None:
-        meta = read_meta(resume_from)
-        saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1))
-        if saved != (world, p.tp, p.pp):
-            raise LaunchError(f"{resume_from} (which --resume auto would continue from) was saved with world {saved[0]} "
-                              f"(tp {saved[1]}, pp {saved[2]}); this launch has world {world} = {world // nproc} node(s) "
-                              f"× {nproc} (tp {p.tp}, pp {p.pp}): exact resume needs the same layout; launch "
-                              f"{saved[0]} ranks, or use another train.run_dir")
-        if meta["step"] >= config.train.steps:
-            raise LaunchError(f"{resume_from} is at step {meta['step']}: the run already reached "
-                              f"train.steps={config.train.steps}; raise train.steps to train further")
+        raise LaunchError(f"{exc} (this launch: world {world} = {world // nproc} node(s) × {nproc}; "
+                          f"--resume auto would continue from {resume_from}; or use another train.run_dir)") from None
     return config, (str(resume_from) if resume_from is not None else None)
 
 
@@ -267,12 +259,6 @@ def _node_rank(args) -> int:
     return rank
 
 
-def _free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plan(args: argparse.Namespace) -> list[str]:
     """Every check, then the torchrun command. Raises LaunchError."""
     for name in ("nnodes", "nproc_per_node"):
@@ -288,7 +274,9 @@ def plan(args: argparse.Namespace) -> list[str]:
         if args.nnodes > 1:
             raise LaunchError(f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (node rank 0's address and a "
                               "free port, the same on every node)")
-        endpoint = f"127.0.0.1:{_free_local_port()}"
+        from fluidlm.train.engine import free_port
+
+        endpoint = f"127.0.0.1:{free_port()}"
     host, port = parse_endpoint(endpoint)
     world = args.nnodes * args.nproc_per_node
     # Config, data and run folder before the network: they are the likelier mistakes.

@@ -38,44 +38,61 @@ def register(subparsers) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no process group. Returns (config, checkpoint or None)."""
-    from fluidlm.parallel.topology import Layout
-    from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, read_meta, resolve_resume
-    from fluidlm.train.config import ConfigError, load_config, preflight
-    from fluidlm.train.universal import is_universal, read_info
+    from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, resolve_resume
+    from fluidlm.train.config import load_config, preflight
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
         return config, None
     preflight(config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        Layout.from_world(world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
-    except ValueError as exc:
-        raise ConfigError(f"parallel: {exc}") from None
+    check_layout(config, world)
     resume_from = resolve_resume(args.resume, config.checkpoint_dir)  # checks the checkpoint is complete
     if args.resume is None and complete_checkpoints(config.checkpoint_dir):
         raise CheckpointError(f"train.run_dir={config.train.run_dir!r} already holds checkpoints; pass --resume auto "
                               "to continue that run, or choose another train.run_dir")
-    if resume_from is not None and is_universal(resume_from):
+    if resume_from is not None:
+        check_resume(resume_from, config, world)
+    return config, resume_from
+
+
+def check_layout(config, world: int) -> None:
+    """The parallel layout fits `world` ranks (ConfigError otherwise). Shared with `fluidlm launch`."""
+    from fluidlm.parallel.topology import Layout
+    from fluidlm.train.config import ConfigError
+
+    try:
+        Layout.from_world(world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
+    except ValueError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+
+
+def check_resume(resume_from, config, world: int) -> None:
+    """Checkpoint `resume_from` can continue this config on `world` ranks (CheckpointError
+    otherwise): same layout (or a universal checkpoint of the same model), steps left to train.
+    Shared with `fluidlm launch`."""
+    from fluidlm.train.checkpoint import CheckpointError, read_meta
+    from fluidlm.train.universal import is_universal, read_info
+
+    if is_universal(resume_from):
         info = read_info(resume_from)
-        if info["step"] >= config.train.steps:
-            raise CheckpointError(f"{resume_from} is at step {info['step']}, already at train.steps={config.train.steps}")
         if info["config"]["model"] != config.to_dict()["model"]:
             raise CheckpointError(f"{resume_from} holds a different model than the config's `model:` section; "
                                   "resume with the model config it was trained with")
-    elif resume_from is not None:
+        step = info["step"]
+    else:
         meta = read_meta(resume_from)
         saved = (meta["world_size"], meta.get("tp", 1), meta.get("pp", 1), meta.get("cp", 1))
         now = (world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
         if saved != now:
             raise CheckpointError(f"{resume_from} was saved with world {saved[0]} (tp {saved[1]}, pp {saved[2]}, cp "
-                                  f"{saved[3]}), this run has world {now[0]} (tp {now[1]}, pp {now[2]}, cp {now[3]}): exact resume "
-                                  "needs the same layout; to change it, convert the checkpoint first "
+                                  f"{saved[3]}), this run has world {now[0]} (tp {now[1]}, pp {now[2]}, cp {now[3]}): "
+                                  "exact resume needs the same layout; to change it, convert the checkpoint first "
                                   "(`fluidlm checkpoint convert`, see README)")
-        if meta["step"] >= config.train.steps:
-            raise CheckpointError(f"{resume_from} is at step {meta['step']}, already at train.steps={config.train.steps}; "
-                                  "raise train.steps to train further")
-    return config, resume_from
+        step = meta["step"]
+    if step >= config.train.steps:
+        raise CheckpointError(f"{resume_from} is at step {step}, already at train.steps={config.train.steps}; "
+                              "raise train.steps to train further")
 
 
 def run(args: argparse.Namespace) -> int:

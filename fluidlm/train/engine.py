@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fluidlm.parallel.layers import DenseLayers
+from fluidlm.parallel.pipeline import cu_seqlens_from_starts
 from fluidlm.parallel.topology import Layout
 from fluidlm.train.config import Config
 
@@ -36,7 +37,7 @@ class DistInfo:
     device: torch.device
     backend: str
     created_group: bool  # we created the process group (so we destroy it at exit)
-    layout: Layout       # world = PP × DP × TP
+    layout: Layout       # world = PP × DP × CP × TP
     topology: object = None  # DeepSpeed's PipeModelDataParallelTopology when TP, PP or CP > 1
 
     @property
@@ -56,7 +57,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -73,7 +75,7 @@ def init_distributed(config: Config) -> DistInfo:
     backend = config.parallel.backend if config.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     if "RANK" not in os.environ:  # plain `fluidlm train`: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
@@ -295,22 +297,36 @@ def _mpu():
     return MegatronMPU()
 
 
-def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0):
-    """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)} → (inputs (1, B·L), targets
-    (1, B·L), cu_seqlens). Every sample start and every document start resets the attention state,
-    so no document (and no sample) sees another. Under context parallelism (cp > 1) inputs and
-    targets are this rank's contiguous 1/cp of the row; cu_seqlens stays global."""
+def flatten_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)} → (inputs, targets, resets), each
+    (1, B·L): the micro-batch as one row, the attention state reset at every sample start and every
+    document start, so no document (and no sample) sees another."""
     tokens, starts = batch["tokens"], batch["doc_starts"]
-    inputs, targets = tokens[:, :-1].reshape(1, -1), tokens[:, 1:].reshape(1, -1)
     resets = starts[:, :-1].clone()
     resets[:, 0] = True
-    positions = resets.flatten().nonzero().flatten()
-    cu_seqlens = torch.cat([positions, positions.new_tensor([resets.numel()])]).to(torch.int64)
+    return tokens[:, :-1].reshape(1, -1), tokens[:, 1:].reshape(1, -1), resets.reshape(1, -1)
+
+
+def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0):
+    """(inputs (1, B·L), targets (1, B·L), cu_seqlens) of a loader batch (see `flatten_batch`).
+    Under context parallelism (cp > 1) inputs and targets are this rank's contiguous 1/cp of the
+    row; cu_seqlens stays global."""
+    inputs, targets, resets = flatten_batch(batch)
+    cu_seqlens = cu_seqlens_from_starts(resets)
     if cp > 1:
         from fluidlm.parallel.context import shard_sequence
 
         inputs, targets = shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp)
     return (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), cu_seqlens.to(device))
+
+
+def pipeline_batches(batches, device, micro_batches: int):
+    """`micro_batches` loader batches as DeepSpeed's pipeline engine wants them:
+    ((inputs, resets), targets), flattened as `flatten_batch` does; the resets travel between the
+    stages as a fixed-shape tensor (fluidlm/parallel/pipeline.py)."""
+    for _ in range(micro_batches):
+        inputs, targets, resets = flatten_batch(next(batches))
+        yield (inputs.to(device), resets.to(device)), targets.to(device)
 
 
 def flops_per_token(config: Config, num_params: int) -> float:
