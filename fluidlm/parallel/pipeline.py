@@ -130,15 +130,3 @@ def load_dense(pipe: nn.Module, dense_state: dict, tp_rank: int, tp_size: int) -
             continue
         sub = {k[len(prefix):]: v for k, v in dense_state.items() if k.startswith(prefix)}
         module.load_state_dict(shard_state_dict(sub, module, tp_rank, tp_size), strict=False)
-
-
-def pipeline_batches(batches, device, micro_batches: int):
-    """`micro_batches` loader batches as the pipeline engine wants them: ((tokens, starts), targets),
-    each flattened to one row like the non-pipeline path (states reset at sample starts too)."""
-    for _ in range(micro_batches):
-        batch = next(batches)
-        tokens, starts = batch["tokens"], batch["doc_starts"]
-        resets = starts[:, :-1].clone()
-        resets[:, 0] = True
-        yield ((tokens[:, :-1].reshape(1, -1).to(device), resets.reshape(1, -1).to(device)),
-               tokens[:, 1:].reshape(1, -1).to(device))

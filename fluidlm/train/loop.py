@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fluidlm.parallel.pipeline import pipeline_batches
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.checkpoint import CheckpointError
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, use_bf16, flops_per_token, init_distributed,
-                                  seed_everything)
+from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
+                                  pipeline_batches, seed_everything, use_bf16)
 from fluidlm.train.tracking import Tracker
 from fluidlm.train.universal import is_universal, load_into_engine
 
