@@ -108,19 +108,9 @@ def _pde_case(group, rank, cp, causal, docs):
     pde = PDEDiffusion(c, [1, 3, 8], steps=2, causal=causal, theta_init=0.0, layers=DenseLayers(), init_std=0.5).double()
     with torch.no_grad():
         pde.theta.normal_()
-    u = torch.randn(b, N, c, dtype=torch.float64)
-    w = torch.randn(b, N, c, dtype=torch.float64)
-    uf = u.clone().requires_grad_()
-    ref = pde(uf, cu)
-    (ref * w).sum().backward()
-    ref_grads = [p.grad.clone() for p in pde.parameters()]
-    pde.zero_grad()
-    ul = shard_sequence(u, rank, cp).clone().requires_grad_()
-    out = cp_pde_diffusion(pde, ul, cu, group=group)
-    (out * shard_sequence(w, rank, cp)).sum().backward()
-    _allreduce_grads(pde, group)
-    return {"out": _err(out, shard_sequence(ref, rank, cp)), "grad_u": _err(ul.grad, shard_sequence(uf.grad, rank, cp)),
-            "grad_params": max(_err(p.grad, r) for p, r in zip(pde.parameters(), ref_grads))}
+    out, grad_u, grad_params = _whole_vs_shards(pde, cp_pde_diffusion, torch.randn(b, N, c, dtype=torch.float64), cu,
+                                                group, rank, cp)
+    return {"out": out, "grad_u": grad_u, "grad_params": grad_params}
 
 
 def _layer_case(group, rank, cp, causal):
@@ -131,19 +121,26 @@ def _layer_case(group, rank, cp, causal):
     with torch.no_grad():
         layer.flow.conv_weight.normal_()  # every conv tap live, so the 3-token halo matters
     cu = torch.tensor(DOCS["cross"])
-    x = torch.randn(1, N, 16, dtype=torch.float64)
-    w = torch.randn(1, N, 16, dtype=torch.float64)
+    out, grad_x, grad_params = _whole_vs_shards(layer, cp_attention_layer, torch.randn(1, N, 16, dtype=torch.float64),
+                                                cu, group, rank, cp)
+    return {"out": out, "grad_x": grad_x, "grad_params": grad_params}
+
+
+def _whole_vs_shards(module, cp_forward, x, cu, group, rank, cp):
+    """Errors (output, input gradient, parameter gradients) of `cp_forward(module, shard, cu, group)`
+    on this rank's shard against `module(x, cu)` on the whole sequence, under a random linear loss."""
+    w = torch.randn_like(x)
     xf = x.clone().requires_grad_()
-    ref = layer(xf, cu)
+    ref = module(xf, cu)
     (ref * w).sum().backward()
-    ref_grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
+    ref_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
     xl = shard_sequence(x, rank, cp).clone().requires_grad_()
-    out = cp_attention_layer(layer, xl, cu, group=group)
+    out = cp_forward(module, xl, cu, group=group)
     (out * shard_sequence(w, rank, cp)).sum().backward()
-    _allreduce_grads(layer, group)
-    return {"out": _err(out, shard_sequence(ref, rank, cp)), "grad_x": _err(xl.grad, shard_sequence(xf.grad, rank, cp)),
-            "grad_params": max(_err(p.grad, r) for p, r in zip(layer.parameters(), ref_grads))}
+    _allreduce_grads(module, group)
+    return (_err(out, shard_sequence(ref, rank, cp)), _err(xl.grad, shard_sequence(xf.grad, rank, cp)),
+            max(_err(p.grad, r) for p, r in zip(module.parameters(), ref_grads)))
 
 
 def _comm_case(group, rank):
