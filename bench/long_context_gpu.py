@@ -82,9 +82,6 @@ def run_point(cfg: ModelConfig, seq_len: int, tokens: int, steps: int, device, b
     step_s = sorted(times)[len(times) // 2]
     params = model.num_parameters()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    del model, opt, data
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len, "step_s": step_s,
             "tokens_per_s": batch * seq_len / step_s, "peak_gib": peak, "loss": float(loss),
             "flops_per_token": flops_per_token(cfg, params), "parameters": params}
@@ -117,8 +114,12 @@ def main() -> int:
 
     at_context = run_point(cfg, args.context, args.context * args.batch_at_context, args.steps, device, bf16,
                            args.loss_chunk)
-    sweep = [run_point(cfg, n, args.tokens, args.steps, device, bf16, args.loss_chunk)
-             for n in sorted(args.seq_lens) if n <= args.tokens]
+    sweep = []
+    for n in sorted(args.seq_lens):
+        if n <= args.tokens:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous point's model and optimizer are gone with its frame
+            sweep.append(run_point(cfg, n, args.tokens, args.steps, device, bf16, args.loss_chunk))
     for row in [at_context, *sweep]:
         row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12) if peak else None
     rates = [r["tokens_per_s"] for r in sweep]

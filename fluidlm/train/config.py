@@ -149,6 +149,7 @@ class Config(StrictModel):
                 raise ValueError(f"parallel.cp={cp} needs model.attention='da' and parallel.pp=1 (got "
                                  f"{self.model.attention!r}, pp={self.parallel.pp})")
             row = self.train.micro_batch_size * self.data.seq_len
+            # PDE halo max(S)·K; 3 = the flow encoder's conv halo (fluidlm/parallel/context.py FLOW_HALO)
             halo = max(max(self.model.pde.scales) * self.model.pde.steps if self.model.pde.enabled else 0, 3)
             if row % cp or row // cp < halo:
                 raise ValueError(f"parallel.cp={cp}: each micro-batch row of train.micro_batch_size × data.seq_len = {row} "
