@@ -139,29 +139,30 @@ def latest(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, ckpt_dir: Path, argument: str = "--resume") -> Path | None:
     """--resume auto → newest complete checkpoint of this run (None: start fresh); --resume PATH →
-    that checkpoint (a step_* folder, a checkpoints/ folder or a run folder). Raises CheckpointError."""
+    that checkpoint (a step_* folder, a checkpoints/ folder or a run folder). Raises CheckpointError,
+    whose message names `argument` (the option or argument that gave `resume`)."""
     if resume is None:
         return None
     if resume == "auto":
         return latest(ckpt_dir)
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+        raise CheckpointError(f"{argument} {resume}: no such checkpoint")
     if (path / "universal.json").is_file():  # made by `fluidlm checkpoint convert` (fluidlm/train/universal.py)
         return path
     if (path / CLIENT_JSON).exists() or TAG_RE.match(path.name) or path.name.startswith(".tmp-"):
         issues = problems(path)
         if issues:
-            raise CheckpointError(f"--resume {resume}: not a complete checkpoint ({'; '.join(issues)})")
+            raise CheckpointError(f"{argument} {resume}: not a complete checkpoint ({'; '.join(issues)})")
         return path
     for folder in (path, path / "checkpoints"):
         if (folder / "latest").is_file() or complete_checkpoints(folder):
             found = latest(folder)
             if found is not None:
                 return found
-    raise CheckpointError(f"--resume {resume}: no checkpoint there (expected a step_* folder, a checkpoints/ folder "
+    raise CheckpointError(f"{argument} {resume}: no checkpoint there (expected a step_* folder, a checkpoints/ folder "
                           "or a run folder holding one)")
 
 
