@@ -15,6 +15,7 @@ import os
 import sys
 
 EXIT_CONFIG = 2
+EXIT_SAVE = 4  # a checkpoint could not be written (full disk, I/O error)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,10 +161,15 @@ def run(args: argparse.Namespace) -> int:
         print(dump_yaml(config), end="")
         return 0
 
+    from fluidlm.train.checkpoint import CheckpointSaveError
     from fluidlm.train.loop import shutdown, train
 
     try:
         code = train(config, resume_from)
+    except CheckpointSaveError as exc:  # every rank raised it together (checkpoint.save agrees first)
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        shutdown()
+        return EXIT_SAVE
     except (DataError, CheckpointError) as exc:  # found after start-up (e.g. a corrupt shard or checkpoint file)
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
