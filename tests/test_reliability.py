@@ -253,6 +253,30 @@ def test_resume_after_an_inf_gradient_continues_as_if_it_never_happened(runs):
     assert losses(runs["runs"] / "z0_inf") == losses(runs["runs"] / "z0_base")
 
 
+@pytest.mark.slow  # one torchrun of 2 processes: ~20-40 s on 2 cores
+def test_pipeline_inf_gradient_is_skipped_and_the_last_good_step_saved(tmp_path):
+    """PP=2 at ZeRO 0 (fp32): DeepSpeed's pipeline engine runs forward, backward and step inside
+    train_batch; the guarded optimizer step skips the poisoned step, so the weights are still those of
+    the last good step, which is saved. (Before: applied, the next loss NaN, nothing saved.)"""
+    import torch
+
+    data = make_dataset(tmp_path / "data", samples=32)
+    cfg = tiny_config(data, tmp_path / "run", model={"dropout": 0.0}, parallel={"pp": 2, "zero_stage": 0},
+                      train={"steps": 8, "grad_accum": 2}, checkpoint={"every": 4})
+    path = write_config(tmp_path / "pp.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           __file__, "pipeline", str(path), "6"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"})
+    assert "gradient norm is not finite (NaN/inf) at step 6" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 3 as a failure
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000005"
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_00000004", "step_00000005"]
+    for f in (ck / "step_00000005").glob("layer_*"):  # the saved pipeline weights are the finite ones
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t)), f.name
+
+
 # --- 10: convert names its argument ----------------------------------------------------------------
 
 def test_convert_of_an_incomplete_checkpoint_names_the_convert_argument(tmp_path, capsys):
@@ -451,5 +475,38 @@ def _runner(jobs_path: Path, out_path: Path) -> None:
     loop.shutdown()
 
 
+def _pipeline_main(config_path: str, inf_at: int) -> int:
+    """Under torchrun: `fluidlm train --config CONFIG` with an inf put into one gradient of stage 0 at
+    optimizer step `inf_at` (the pipeline engine runs one train_batch per step)."""
+    from fluidlm.train import cli, loop
+
+    build = loop.build_engine
+
+    def build_engine(config, model, dist_info):
+        engine = build(config, model, dist_info)
+        calls = [0]
+        train_batch = engine.train_batch
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return train_batch(*args, **kwargs)
+
+        def poison(grad):
+            if calls[0] != inf_at or dist_info.rank != 0:
+                return None
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+            return grad
+
+        engine.train_batch = counted
+        next(p for p in engine.module.parameters() if p.requires_grad).register_hook(poison)
+        return engine
+
+    loop.build_engine = build_engine
+    return cli.main(["--config", config_path])
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "pipeline":
+        sys.exit(_pipeline_main(sys.argv[2], int(sys.argv[3])))
     _runner(Path(sys.argv[1]), Path(sys.argv[2]))
