@@ -178,6 +178,7 @@ def test_full_tmpfs_first_save_fails_cleanly(runs):
     res = _tmpfs(runs, "tmpfs_half")
     assert res["code"] == 4, res
     assert ".tmp-step_00000002" in res["stderr"] and "written before the failure" in res["stderr"]
+    assert "the disk is full" in res["stderr"] and "is free on" in res["stderr"]
     assert res["latest"] is None and [e for e in res["entries"] if not e.endswith(".py")] == []  # (DeepSpeed's zero_to_*.py)
 
 

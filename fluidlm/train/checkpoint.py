@@ -56,6 +56,7 @@ import torch
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 CLIENT_JSON = "client_state.json"
 FORMAT_VERSION = 1
+FULL_BYTES = 16 * 2**20  # less free than this after a failed write: call the disk full
 
 
 class CheckpointError(ValueError):
@@ -263,11 +264,15 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, keep: 
         _agree([float(bool(errors))])
     if _agree([float(bool(errors))])[0]:
         partial = folder_size(tmp) if tmp.exists() else 0
+        full = shutil.disk_usage(ckpt_dir).free < FULL_BYTES  # torch's writer says "unexpected pos", not ENOSPC
+        dist.barrier()  # every rank has looked before the folder goes
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         free = shutil.disk_usage(ckpt_dir).free
         cause = errors[0] if errors else "another rank's write failed (see its error)"
+        if full and "no space left" not in cause:
+            cause += f" (the disk is full: under {_human(FULL_BYTES)} was free when the write failed)"
         need = (f"about {_human(needed)} (the size of {previous.name})" if previous is not None
                 else f"more than the {_human(partial)} written before the failure")
         raise CheckpointSaveError(
