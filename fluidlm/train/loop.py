@@ -97,7 +97,7 @@ def guard_optimizer_step(engine) -> None:
     @functools.wraps(apply_step)  # keeps the LR scheduler's marker on the step (no "step overridden" warning)
     def checked_step(*args, **kwargs):
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
         norm = norm.detach().to(torch.float64).reshape(1)
         dist.all_reduce(norm)  # one decision for every rank
         optimizer.overflow = not math.isfinite(norm.item())
