@@ -191,6 +191,25 @@ def test_tmpfs_without_room_for_another_checkpoint_refuses_before_writing(runs):
     assert [e for e in res["entries"] if not e.endswith(".py")] == ["latest", "step_00000002"]
 
 
+@pytest.mark.slow  # one torchrun of 2 processes: ~15-30 s on 2 cores
+def test_enospc_on_one_rank_of_two_stops_every_rank_cleanly(tmp_path):
+    """DP=2, ZeRO 1: only rank 1's optimizer-shard write fails. DeepSpeed's collectives inside the save
+    still match (the failure is recorded, not raised, until every rank has agreed), so both ranks exit 4
+    together instead of hanging, the partial folder goes and `latest` stays."""
+    data = make_dataset(tmp_path / "data", samples=32)
+    path = write_config(tmp_path / "dp.yaml", tiny_config(data, tmp_path / "run", train={"steps": 4},
+                                                          checkpoint={"every": 2}))
+    proc = _torchrun(tmp_path, path, "--enospc-at", "4", "--enospc-rank", "1", timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("saving checkpoint step_00000004 failed") == 2, out[-4000:]
+    assert "error (rank 1): " in out and "zero_pp_rank_1_mp_rank_00_optim_states.pt: no space left" in out
+    assert "another rank's write failed" in out  # rank 0 wrote its files and says why it stops too
+    assert out.count("exitcode  : 4") == 2, out[-3000:]  # torchrun's summary: both workers exited 4
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in ck.iterdir() if "step_" in p.name) == ["step_00000002"]
+
+
 # --- 4 and 5: half-deleted and re-saved checkpoints, a stale `latest` -----------------------------
 
 @pytest.mark.slow  # the shared runner: 20-40 s of training jobs on 2 cores
@@ -265,9 +284,7 @@ def test_pipeline_inf_gradient_is_skipped_and_the_last_good_step_saved(tmp_path)
     cfg = tiny_config(data, tmp_path / "run", model={"dropout": 0.0}, parallel={"pp": 2, "zero_stage": 0},
                       train={"steps": 8, "grad_accum": 2}, checkpoint={"every": 4})
     path = write_config(tmp_path / "pp.yaml", cfg)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           __file__, "pipeline", str(path), "6"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=400, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"})
+    proc = _torchrun(tmp_path, path, "--inf-at", "6")
     assert "gradient norm is not finite (NaN/inf) at step 6" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.returncode != 0  # torchrun reports the workers' exit code 3 as a failure
     ck = tmp_path / "run" / "checkpoints"
@@ -476,21 +493,33 @@ def _runner(jobs_path: Path, out_path: Path) -> None:
     loop.shutdown()
 
 
-def _pipeline_main(config_path: str, inf_at: int) -> int:
-    """Under torchrun: `fluidlm train --config CONFIG` with an inf put into one gradient of stage 0 at
-    optimizer step `inf_at` (the pipeline engine runs one train_batch per step)."""
+def _torchrun_main(config_path: str, inf_at: int | None, enospc_at: int | None, enospc_rank: int) -> int:
+    """Under torchrun: `fluidlm train --config CONFIG`, with an inf put into one gradient of rank 0's
+    first parameter at optimizer step `inf_at` (one backward or one pipeline train_batch per step),
+    and/or the checkpoint writer of rank `enospc_rank` alone raising ENOSPC in the save of step
+    `enospc_at` (the other ranks' writes succeed)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from fluidlm.train import checkpoint as ckpt
     from fluidlm.train import cli, loop
 
-    build = loop.build_engine
+    build, write = loop.build_engine, TorchCheckpointEngine.save
+
+    def failing_write(self, state_dict, path):
+        if enospc_at is not None and ckpt.tag_for(enospc_at) in str(path) and dist.get_rank() == enospc_rank:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(self, state_dict, path)
 
     def build_engine(config, model, dist_info):
         engine = build(config, model, dist_info)
         calls = [0]
-        train_batch = engine.train_batch
+        method = "train_batch" if config.parallel.pp > 1 else "backward"
+        step = getattr(engine, method)
 
         def counted(*args, **kwargs):
             calls[0] += 1
-            return train_batch(*args, **kwargs)
+            return step(*args, **kwargs)
 
         def poison(grad):
             if calls[0] != inf_at or dist_info.rank != 0:
@@ -499,15 +528,29 @@ def _pipeline_main(config_path: str, inf_at: int) -> int:
             grad.view(-1)[0] = float("inf")
             return grad
 
-        engine.train_batch = counted
+        setattr(engine, method, counted)
         next(p for p in engine.module.parameters() if p.requires_grad).register_hook(poison)
         return engine
 
     loop.build_engine = build_engine
+    TorchCheckpointEngine.save = failing_write
     return cli.main(["--config", config_path])
 
 
+def _torchrun(tmp_path, config_path, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           __file__, "torchrun", str(config_path), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"})
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "pipeline":
-        sys.exit(_pipeline_main(sys.argv[2], int(sys.argv[3])))
+    if sys.argv[1] == "torchrun":
+        opts = argparse.ArgumentParser()
+        opts.add_argument("config")
+        opts.add_argument("--inf-at", type=int)
+        opts.add_argument("--enospc-at", type=int)
+        opts.add_argument("--enospc-rank", type=int, default=0)
+        o = opts.parse_args(sys.argv[2:])
+        sys.exit(_torchrun_main(o.config, o.inf_at, o.enospc_at, o.enospc_rank))
     _runner(Path(sys.argv[1]), Path(sys.argv[2]))
