@@ -200,11 +200,16 @@ def _empty_along(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def _p2p(sends, recvs, group) -> None:
+    """All of this rank's halo sends and receives as ONE batch_isend_irecv (as Megatron does): NCCL
+    then runs them as one group, so neighbours that send to each other cannot deadlock on the order
+    of separate isend/irecv calls. Every rank of the group calls it (an end rank has one peer)."""
     keep = [(t.contiguous(), peer) for t, peer in filter(None, sends)]  # alive until the waits return
-    ops = [dist.isend(t, _group_peer(group, peer), group=group) for t, peer in keep]
-    ops += [dist.irecv(t, _group_peer(group, peer), group=group) for t, peer in filter(None, recvs)]
-    for op in ops:
-        op.wait()
+    ops = [dist.P2POp(dist.isend, t, _group_peer(group, peer), group=group) for t, peer in keep]
+    ops += [dist.P2POp(dist.irecv, t, _group_peer(group, peer), group=group) for t, peer in filter(None, recvs)]
+    if not ops:  # no halo (left = right = 0): every rank of the group has none
+        return
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
 
 
 def exchange_halo(x: torch.Tensor, left: int, right: int, group=None, dim: int = 1) -> torch.Tensor:

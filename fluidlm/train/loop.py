@@ -7,13 +7,19 @@
 
 Stops cleanly: at train.steps, at train.stop_at, or on SIGTERM/SIGINT (finish the current step,
 save, exit 0). A NaN/inf loss stops the run before its gradients touch the weights, saves the
-last good step (exit code 3); with pipeline stages (DeepSpeed's train_batch runs forward,
-backward and step in one call) it stops after that step without saving it. All ranks agree on when to stop: the stop flag and the loss are
-all-reduced together every micro-batch.
+last good step (exit code 3). So does a non-finite gradient norm: the optimizer step is not applied
+(DeepSpeed's ZeRO and bf16 optimizers skip it; with plain fp32 at ZeRO stage 0, `guard_optimizer_step`
+gives the optimizer the same check), and the loop sees `engine.was_step_applied()` false. With pipeline
+stages (DeepSpeed's train_batch runs forward, backward and step in one call) the same skip keeps the
+weights of the last good step, which is then saved; a non-finite loss whose step was applied anyway
+(finite gradients) stops without saving. All ranks agree on when to stop: the stop flag and the loss
+are all-reduced together every micro-batch. A checkpoint that cannot be written (full disk) stops the
+run with CheckpointSaveError (exit code 4, see fluidlm/train/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import signal
@@ -25,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from fluidlm.train import checkpoint as ckpt
-from fluidlm.train.checkpoint import CheckpointError
+from fluidlm.train.checkpoint import CheckpointError, CheckpointSaveError
 from fluidlm.train.config import Config, config_diff
 from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
                                   pipeline_batches, seed_everything, use_bf16)
@@ -73,6 +79,36 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
 
 
+def guard_optimizer_step(engine) -> None:
+    """Make the optimizer skip a step whose gradients are not finite, before it is applied.
+
+    DeepSpeed's ZeRO (1-3) and bf16 optimizers already do (they set `optimizer.overflow`); its plain
+    fp32 optimizer at ZeRO stage 0 applies whatever it gets (gradient clipping turns an inf into NaN
+    weights). For that one, wrap `step`: the gradient norm of every rank's parameters (TP slices,
+    pipeline stages) is summed over the world; if it is not finite the step is skipped and
+    `optimizer.overflow` set, which DeepSpeed's engine reads: no LR-schedule step, and
+    `engine.was_step_applied()` is false (flat engine and pipeline engine alike)."""
+    optimizer = engine.optimizer
+    if optimizer is None or hasattr(optimizer, "overflow"):
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    apply_step = optimizer.step
+
+    @functools.wraps(apply_step)  # keeps the LR scheduler's marker on the step (no "step overridden" warning)
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
+        norm = norm.detach().to(torch.float64).reshape(1)
+        dist.all_reduce(norm)  # one decision for every rank
+        optimizer.overflow = not math.isfinite(norm.item())
+        if optimizer.overflow:
+            return None
+        return apply_step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = checked_step
+
+
 def train(config: Config, resume_from=None) -> int:
     """Run (or continue) training. `resume_from`: a complete checkpoint folder or None.
     Returns the exit code. Works in a world of one or under torchrun."""
@@ -81,9 +117,13 @@ def train(config: Config, resume_from=None) -> int:
     dist_info = init_distributed(config)
     world, main = dist_info.world_size, dist_info.is_main
     t = config.train
+    if main:  # what killed saves and deletions left (every rank has resolved its checkpoint by now)
+        ckpt.clean_up(config.checkpoint_dir, spare=resume_from)
+    dist.barrier()
 
     model, num_params = build_model(config, dist_info)  # same seed everywhere: identical weights
     engine = build_engine(config, model, dist_info)
+    guard_optimizer_step(engine)
     # Dropout differs per data-parallel rank, reproducibly (TP ranks share their replicated activations).
     layout, dp_rank = dist_info.layout, dist_info.dp_rank
     pipeline = layout.pp > 1
@@ -138,14 +178,18 @@ def train(config: Config, resume_from=None) -> int:
 
         bar = tqdm(total=t.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def save(step_progress: Progress, loader_state: dict, rng: dict) -> None:
+    def save(step_progress: Progress, loader_state: dict, rng: dict, why: str) -> None:
         meta = {"step": step_progress.step, "tokens": step_progress.tokens,
                 "mlflow_run_id": step_progress.mlflow_run_id, "zero_stage": config.parallel.zero_stage,
                 "bf16": use_bf16(config),
                 "tp": layout.tp, "pp": layout.pp, "cp": layout.cp,
                 "config": config.to_dict()}
-        ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},
-                  config.checkpoint.keep)
+        try:
+            ckpt.save(engine, config.checkpoint_dir, step_progress.step, meta, {"loader": loader_state, "rng": rng},
+                      config.checkpoint.keep)
+        except CheckpointSaveError as exc:
+            raise CheckpointSaveError(f"{exc} [this was the save {why}; training stopped, the steps after the "
+                                      f"newest checkpoint are not saved]") from None
 
     exit_code, status, last_saved = EXIT_OK, "FINISHED", progress.step if resume_from else None
     engine.train()
@@ -155,7 +199,7 @@ def train(config: Config, resume_from=None) -> int:
             # The state at this step boundary: a NaN in this step saves exactly this.
             boundary = (Progress(**vars(progress)), loader.state_dict(), ckpt.rng_state())
             step_start = time.perf_counter()
-            loss_sum, stop_votes, nan = 0.0, 0.0, False
+            loss_sum, stop_votes, nan, bad_grads = 0.0, 0.0, False, False
             for _ in range(1 if pipeline else t.grad_accum):
                 if pipeline:  # DeepSpeed runs the step: grad_accum micro-batches through the stages (1F1B)
                     loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum))
@@ -177,20 +221,29 @@ def train(config: Config, resume_from=None) -> int:
                 if not pipeline:
                     engine.backward(loss)
                     engine.step()
+            if not nan and not engine.was_step_applied():  # the optimizer skipped it: non-finite gradients
+                nan = bad_grads = True
             if nan:
                 good, loader_state, rng = boundary
-                # (The pipeline engine steps inside train_batch: its weights are already past `good`.)
-                if last_saved != good.step and good.step > 0 and not pipeline:
-                    save(good, loader_state, rng)
+                # The pipeline engine steps inside train_batch: unless that step was skipped (non-finite
+                # gradients), its weights are already past `good`.
+                applied = pipeline and engine.was_step_applied()
+                if last_saved != good.step and good.step > 0 and not applied:
+                    save(good, loader_state, rng, f"of the last good step {good.step}, before a non-finite step")
                     last_saved = good.step
-                if main and pipeline:
+                where = (f"the checkpoint of the last good step {good.step} is {config.checkpoint_dir / ckpt.tag_for(good.step)}"
+                         if good.step > 0 else "no step completed, so there is no checkpoint")
+                if main and bad_grads:
+                    print(f"\nERROR: the gradient norm is not finite (NaN/inf) at step {good.step + 1} (the loss was "
+                          f"finite, {loss_sum / t.grad_accum:.4g}); the optimizer step was not "
+                          f"applied; {where}. Lower optim.lr, check optim.grad_clip and the data, then continue with "
+                          "--resume auto.", file=sys.stderr, flush=True)
+                elif main and applied:
                     print(f"\nERROR: the loss is not finite (NaN/inf) at step {good.step + 1}; with pipeline stages the "
                           f"step was already applied, so nothing was saved; resume from the newest checkpoint in "
                           f"{config.checkpoint_dir} with --resume auto after lowering optim.lr or checking the data.",
                           file=sys.stderr, flush=True)
                 elif main:
-                    where = (f"the checkpoint of the last good step {good.step} is {config.checkpoint_dir / ckpt.tag_for(good.step)}"
-                             if good.step > 0 else "no step completed, so there is no checkpoint")
                     print(f"\nERROR: the loss is not finite (NaN/inf) at step {good.step + 1}; training stopped before "
                           f"applying that step; {where}. Lower optim.lr or check the data, then continue with --resume auto.",
                           file=sys.stderr, flush=True)
@@ -223,7 +276,8 @@ def train(config: Config, resume_from=None) -> int:
             stopping = stop_votes > 0
             if stopping or progress.step == last_step or (
                     config.checkpoint.every and progress.step % config.checkpoint.every == 0):
-                save(progress, loader.state_dict(), ckpt.rng_state())
+                save(progress, loader.state_dict(), ckpt.rng_state(),
+                     f"that {stop.signal or 'a signal'} asked for after step {progress.step}" if stopping else f"at step {progress.step}")
                 last_saved = progress.step
             if stopping:
                 if main:

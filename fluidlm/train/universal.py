@@ -37,6 +37,7 @@ import torch
 from fluidlm.train.checkpoint import CheckpointError, optim_file, problems, read_meta, resolve_resume
 
 UNIVERSAL_JSON = "universal.json"
+CONVERT_ARGUMENT = "`fluidlm checkpoint convert` CHECKPOINT"  # how errors name the checkpoint to convert
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -274,7 +275,7 @@ def run(args) -> int:
 
 
 def _resolve(path: str) -> Path:
-    found = resolve_resume(path, Path(path))
+    found = resolve_resume(path, Path(path), argument=CONVERT_ARGUMENT)
     if found is None or is_universal(found):
-        raise CheckpointError(f"{path}: no training checkpoint to convert there")
+        raise CheckpointError(f"{CONVERT_ARGUMENT} {path}: no training checkpoint to convert there")
     return found
