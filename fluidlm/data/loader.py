@@ -29,6 +29,7 @@ and yields exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,11 @@ class ShardLoader:
                     f"the data in {src.manifest['root']!r} has {len(src.counts)} shards in {src.lanes} lanes and the "
                     f"smallest lane holds fewer than micro_batch_size = {micro_batch_size} samples; use a smaller "
                     f"micro batch, fewer lanes (data.lanes) or rebuild with more samples per shard")
+        shared = [f"{s.name}: {s.lanes} lanes" for s in self.sources if s.lanes % dp_size]
+        if shared and dp_rank == 0:
+            warnings.warn(f"data: {', '.join(shared)} for {dp_size} data-parallel ranks: the ranks share shards (each "
+                          f"reads more than 1/{dp_size} of them); set data.lanes to a multiple of {dp_size} (and have "
+                          f"at least that many shards per source) for disjoint shards", stacklevel=2)
         self.plan = Plan(self.sources, dp_rank, dp_size, micro_batch_size, seed)
         self.vocab_size = vocab_size
         self.num_workers = num_workers
@@ -358,16 +364,21 @@ class ShardLoader:
             self.position += 1
             yield batch
 
-    def batch_documents(self, k: int) -> list[list[tuple[str, int]]]:
-        """The (source, document id) pieces of each sample of this rank's batch k, read from the
-        shards' docs.npy (empty for format-1 shards). For measurements; reads the windows itself."""
+    def batch_documents(self, batches) -> list[list[list[tuple[str, int]]]]:
+        """For each of this rank's batches k in `batches` (an iterable of ints): the (source name,
+        document id) pieces of each of its samples, from the shards' docs.npy (empty for format-1
+        shards). For measurements; reads the windows itself, in its own small cache."""
         out, cache = [], {}
-        for ref in self.plan.refs(k):
-            wid, i = self.plan.window_of(*ref)
-            if wid not in cache:
-                cache.clear()
-                cache[wid] = load_window(self.sources, wid, None)
-            out.append([(self.sources[wid[0]].name, int(d)) for d in cache[wid]["docs"][i]])
+        for k in batches:
+            rows = []
+            for ref in self.plan.refs(k):
+                wid, i = self.plan.window_of(*ref)
+                if wid not in cache:
+                    if len(cache) >= 16:
+                        cache.pop(next(iter(cache)))
+                    cache[wid] = load_window(self.sources, wid, None)
+                rows.append([(self.sources[wid[0]].name, int(d)) for d in cache[wid]["docs"][i]])
+            out.append(rows)
         return out
 
     def source_tokens(self, position: int | None = None) -> dict[str, int]:
