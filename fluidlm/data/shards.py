@@ -219,12 +219,11 @@ CURL_EXIT = {6: "cannot resolve the host", 7: "cannot connect to the server", 18
 def _describe(exc: BaseException) -> str:
     import re
 
-    text = f"{type(exc).__name__}: {exc}"
-    m = re.search(r"exit (\d+)", str(exc))
-    if m and "curl" in str(exc):
-        code = int(m.group(1))
-        return f"curl exit {code}: {CURL_EXIT.get(code, 'transfer failed')}"
-    return text[:300]
+    m = re.match(r"(curl|pipe) exit (\d+)", str(exc))
+    if m:
+        code = int(m.group(2))
+        return f"{m.group(1)} exit {code}: {CURL_EXIT.get(code, 'transfer failed') if m.group(1) == 'curl' else 'command failed'}"
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 class _Counting:
@@ -246,7 +245,7 @@ def _read_once(url: str, entry: dict, seq_len: int | None, timeout: float) -> di
     import webdataset as wds
 
     stream = _Counting(open_url(url, timeout))
-    samples = {}
+    samples, error = {}, None
     try:
         for item in wds.tariterators.tar_file_iterator(stream):
             key, _, ext = item["fname"].partition(".")
@@ -256,14 +255,28 @@ def _read_once(url: str, entry: dict, seq_len: int | None, timeout: float) -> di
                 raise ValueError(f"{item['fname']}: {exc}") from None
         while stream.read(1 << 16):  # the tar's end padding: count every byte, let a pipe report its exit
             pass
-    finally:
-        try:
-            stream.close()
-        except Exception:  # noqa: BLE001 - the reading error (if any) is the one to report
-            pass
-    if hasattr(stream.stream, "status") and stream.stream.status not in (None, 0, 141):
-        raise OSError(f"{url}: exit {stream.stream.status} ({'curl' if 'curl' in str(stream.stream) else 'pipe'})")
+    except Exception as exc:  # noqa: BLE001 - reported below, after the pipe's exit status (the root cause)
+        error = exc
+    status = _close(stream.stream)
+    if status not in (None, 0, 141):  # 141: SIGPIPE, we stopped reading
+        tool = "curl" if "curl" in str(getattr(stream.stream, "args", "")) else "pipe"
+        raise OSError(f"{tool} exit {status}") from error
+    if error is not None:
+        raise error
     return {"samples": samples, "bytes": stream.bytes}
+
+
+def _close(stream) -> int | None:
+    """Close a gopen stream; a pipe's exit status (None for files)."""
+    proc = getattr(stream, "proc", None)
+    try:
+        if proc is None:
+            stream.close()
+            return None
+        stream.stream.close()
+        return proc.wait(timeout=60)
+    except Exception:  # noqa: BLE001 - a close error does not hide the reading error
+        return None if proc is None else proc.poll()
 
 
 def read_shard_samples(url: str, entry: dict, seq_len: int | None = None, vocab_limit: int | None = None,
@@ -277,7 +290,7 @@ def read_shard_samples(url: str, entry: dict, seq_len: int | None = None, vocab_
     retries = int(os.environ.get("FLUIDLM_SHARD_RETRIES", 3)) if retries is None else retries
     backoff = float(os.environ.get("FLUIDLM_SHARD_BACKOFF", 1.0)) if backoff is None else backoff
     attempts = 1 + (retries if remote else 0)
-    last = None
+    first = last = None
     for attempt in range(attempts):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
@@ -289,8 +302,11 @@ def read_shard_samples(url: str, entry: dict, seq_len: int | None = None, vocab_
             last = problem
         except Exception as exc:  # noqa: BLE001 - any I/O or format error: retried, then named
             last = _describe(exc)
+        first = first or last
     else:
         tried = f" after {attempts} attempts" if attempts > 1 else ""
+        if first != last:
+            last = f"first attempt: {first}; last: {last}"
         raise DataError(f"shard {url!r} is unreadable, truncated or corrupt{tried} ({last}); "
                         + ("check the server/URL and the network, or copy the shards locally and point the manifest at them"
                            if remote else "rebuild the shards"))
