@@ -40,7 +40,7 @@ from fluidlm.data import DataError
 from fluidlm.data.shards import load_manifest, read_shard_samples, shard_url
 
 CHOICE_BLOCK = 1024  # global micro-batches per block of source draws
-MIN_USE = 0.95  # the lane count is lowered until an epoch uses at least this share of the samples
+MIN_USE = 0.9  # the lane count is lowered until an epoch uses at least this share of the samples
 
 
 class Source:
@@ -51,7 +51,7 @@ class Source:
         self.manifest, self.name, self.weight, self.index = manifest, name, float(weight), index
         self.counts = np.array([s["samples"] for s in manifest["shards"]], dtype=np.int64)
         self.window, self.batch, self.seed = window, batch, seed
-        # K: the largest divisor of `lanes` whose epoch uses ≥ MIN_USE of the samples (lanes get equal
+        # K: the largest divisor of `lanes` whose epoch uses ≥ MIN_USE (90%) of the samples (lanes get equal
         # sample counts, so a lane with one shard fewer than another caps them all).
         total = int(self.counts.sum())
         for k in sorted((d for d in range(1, lanes + 1) if lanes % d == 0), reverse=True):

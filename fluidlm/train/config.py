@@ -49,8 +49,8 @@ class DataConfig(StrictModel):
         ..., ge=1, description="training context in tokens; must equal the --seq-len the shards were built with "
                                "and be at most model.max_seq_len")
     num_workers: int = Field(0, ge=0, le=64, description="loader worker processes per rank (0 = read in the training process)")
-    lanes: int = Field(8, ge=1, le=4096, description="shards are dealt to this many lanes (fewer if an epoch would waste "
-                                                     "over 5% of the samples); micro-batch g reads lane g mod lanes, so a "
+    lanes: int = Field(8, ge=1, le=4096, description="shards are dealt to this many lanes (fewer if an epoch would skip "
+                                                     "over 10% of the samples); micro-batch g reads lane g mod lanes, so a "
                                                      "data-parallel size dividing it gives each rank its own shards")
     window: int = Field(2, ge=1, le=1024, description="shards of a lane read (and their samples shuffled) together")
 
