@@ -140,32 +140,56 @@ def train_runs(root: Path, args, work: Path) -> dict:
                                         str(ROOT / "configs" / "tiny-cpu.yaml"), *overrides],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         runs[name] = run
-    out = {}
+    losses = {}
     for name, proc in procs.items():
         log, _ = proc.communicate()
         if proc.returncode != 0:
             raise SystemExit(f"training on {name!r} failed:\n{log[-3000:]}")
         rows = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
-        loss = np.array([r["loss"] for r in rows])
+        losses[name] = [r["loss"] for r in rows]
+    return analyse(root, args, losses)
+
+
+def analyse(root: Path, args, losses: dict) -> dict:
+    """Per run: how much of the detrended per-step loss the step's source explains."""
+    from fluidlm.data.loader import ShardLoader
+    from fluidlm.data.shards import load_manifest
+
+    m = load_manifest(root / "train")
+    sizes = Counter()
+    out = {}
+    for name, loss in losses.items():
+        loss = np.asarray(loss)
         folder, kw = ORDERS[name]
         ld = ShardLoader(root / folder / "train", micro_batch_size=args.micro_batch, seed=0, **kw)
         docs = ld.batch_documents(range(len(loss) * args.global_micro_batches))
-        dominant = []
-        for s in range(len(loss)):
-            c = Counter(d for rows_ in docs[s * args.global_micro_batches:(s + 1) * args.global_micro_batches]
-                        for sample in rows_ for _, d in sample[:1])
-            dominant.append(c.most_common(1)[0][0])
-        out[name] = {"loss": loss.tolist(), "dominant": dominant, **eta_squared(loss, dominant)}
+        steps = [[sample[0][1] for rows_ in docs[s * args.global_micro_batches:(s + 1) * args.global_micro_batches]
+                  for sample in rows_] for s in range(len(loss))]
+        dominant = [Counter(st).most_common(1)[0][0] for st in steps]
+        out[name] = {"loss": loss.tolist(), "dominant": dominant, "steps_docs": steps}
+    # the largest documents (by samples in the split) as regressors, the same for every run
+    top = [d for d, _ in Counter(d for r in out.values() for st in r["steps_docs"] for d in st).most_common(8)]
+    for r in out.values():
+        share = np.array([[st.count(d) / len(st) for d in top] for st in r.pop("steps_docs")])
+        r.update(source_stats(np.asarray(r["loss"]), r["dominant"], share))
+    out["_top_documents"] = top
+    out["_documents"] = int(m["documents"])
     return out
 
 
-def eta_squared(loss: np.ndarray, groups: list, skip: int = 20, smooth: int = 25) -> dict:
-    """Share of the variance of the detrended loss (loss − centred moving average, past `skip`
-    warm-up steps) explained by the step's dominant document (the correlation ratio η²), and the
-    same for randomly permuted groups (what chance gives with this many groups)."""
+def source_stats(loss: np.ndarray, groups: list, share: np.ndarray, skip: int = 20, smooth: int = 25) -> dict:
+    """How much the step's source explains the detrended loss (loss − centred moving average, past
+    `skip` warm-up steps): R² of a least-squares fit on the step's shares of the 8 largest
+    documents (and the same with the steps' shares permuted: what chance gives), the correlation
+    ratio η² on the dominant document, and the lag-1 autocorrelation of the detrended loss."""
     pad = smooth // 2
     trend = np.convolve(np.pad(loss, pad, mode="edge"), np.ones(smooth) / smooth, mode="valid")
-    resid, g = (loss - trend)[skip:], np.asarray(groups)[skip:]
+    resid, g, x = (loss - trend)[skip:], np.asarray(groups)[skip:], share[skip:]
+
+    def r2(features):
+        a = np.hstack([features, np.ones((len(features), 1))])
+        coef, *_ = np.linalg.lstsq(a, resid, rcond=None)
+        return float(1 - ((resid - a @ coef) ** 2).sum() / ((resid - resid.mean()) ** 2).sum())
 
     def eta(labels):
         total = ((resid - resid.mean()) ** 2).sum()
@@ -173,7 +197,9 @@ def eta_squared(loss: np.ndarray, groups: list, skip: int = 20, smooth: int = 25
         return float(between / total)
 
     rng = np.random.default_rng(0)
-    return {"eta2": eta(g), "eta2_chance": float(np.mean([eta(rng.permutation(g)) for _ in range(50)])),
+    return {"r2": r2(x), "r2_chance": float(np.mean([r2(x[rng.permutation(len(x))]) for _ in range(50)])),
+            "eta2": eta(g), "eta2_chance": float(np.mean([eta(rng.permutation(g)) for _ in range(50)])),
+            "autocorr": float(np.corrcoef(resid[:-1], resid[1:])[0, 1]),
             "dominant_runs": float(len(g) / (1 + np.count_nonzero(g[1:] != g[:-1])))}
 
 
@@ -184,8 +210,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    result = {k: v for k, v in result.items() if not k.startswith("_")}
     for name, r in result.items():
-        ax.plot(range(1, len(r["loss"]) + 1), r["loss"], lw=1, label=f"{name} (η² = {r['eta2']:.2f})")
+        ax.plot(range(1, len(r["loss"]) + 1), r["loss"], lw=1,
+                label=f"{name} (lag-1 autocorrelation of the detrended loss {r['autocorr']:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("tiny DA model, default corpus: loss per step by data order")
@@ -209,7 +237,9 @@ def main():
     p.add_argument("--train-steps", type=int, default=0, help="also train the tiny model this many steps on each order")
     p.add_argument("--plot", default=None, help="PNG of the loss curves (with --train-steps)")
     p.add_argument("--json", default=None, help="write every number here")
+    p.add_argument("--train-from-json", default=None, help="reuse the training losses of an earlier --json output")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true", help="skip the bytes-per-rank epochs (minutes)")
     args = p.parse_args()
 
     from fluidlm.data.cli import prepare
@@ -254,25 +284,35 @@ def main():
         if not name.startswith("_"):
             print(f"| {name} | {v:.2f} |")
 
-    rb = rank_bytes(root, args)
-    result["rank_bytes"] = rb
-    print(f"\nbytes read per rank in one epoch (max over ranks; all shards: {rb['total_shard_bytes'] / 2**20:.1f} MiB)")
-    print("| DP | lanes (now) | one lane: every rank reads every shard (before) | ratio |\n|---|---|---|---|")
-    for dp in (1, 2, 4, 8):
-        a, b = rb[f"lanes=8 dp={dp}"], rb[f"lanes=1 dp={dp}"]
-        print(f"| {dp} | {a / 2**20:.1f} MiB | {b / 2**20:.1f} MiB | {b / a:.2f}× |")
+    rb = None if args.skip_bytes else rank_bytes(root, args)
+    if rb is not None:
+        result["rank_bytes"] = rb
+        print(f"\nbytes read per rank in one epoch (max over ranks; all shards: {rb['total_shard_bytes'] / 2**20:.1f} MiB)")
+        print("| DP | lanes (now) | one lane: every rank reads every shard (before) | ratio |\n|---|---|---|---|")
+        for dp in (1, 2, 4, 8):
+            a, b = rb[f"lanes=8 dp={dp}"], rb[f"lanes=1 dp={dp}"]
+            print(f"| {dp} | {a / 2**20:.1f} MiB | {b / 2**20:.1f} MiB | {b / a:.2f}× |")
 
-    if args.train_steps:
+    runs = None
+    if args.train_from_json:
+        previous = json.loads(Path(args.train_from_json).read_text())["training"]
+        runs = analyse(root, args, {k: v["loss"] for k, v in previous.items() if not k.startswith("_")})
+    elif args.train_steps:
         with tempfile.TemporaryDirectory(prefix="fluidlm-bench-train-") as work:
             runs = train_runs(root, args, Path(work))
+    if runs is not None:
         result["training"] = runs
-        print(f"\ntiny model, {args.train_steps} steps of {mix['_samples_per_global_batch']} samples: loss vs the step's "
-              "dominant source document (η² of the detrended loss; chance = the same with shuffled labels)")
-        print("| order | final loss (mean of last 20) | η² | η² by chance | steps in a row with one dominant document |")
-        print("|---|---|---|---|---|")
+        steps = len(next(v for k, v in runs.items() if not k.startswith("_"))["loss"])
+        print(f"\ntiny model, {steps} steps of {mix['_samples_per_global_batch']} samples: the detrended per-step loss "
+              "against the step's source (R²: least squares on the step's shares of the 8 largest documents; η²: on "
+              "its dominant document; chance: the same with the steps' sources permuted)")
+        print("| order | loss, mean of last 20 | R² | R² by chance | η² | η² by chance | lag-1 autocorrelation | "
+              "steps in a row with one dominant document |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, r in runs.items():
-            print(f"| {name} | {np.mean(r['loss'][-20:]):.3f} | {r['eta2']:.3f} | {r['eta2_chance']:.3f} | "
-                  f"{r['dominant_runs']:.1f} |")
+            if not name.startswith("_"):
+                print(f"| {name} | {np.mean(r['loss'][-20:]):.3f} | {r['r2']:.3f} | {r['r2_chance']:.3f} | "
+                      f"{r['eta2']:.3f} | {r['eta2_chance']:.3f} | {r['autocorr']:.2f} | {r['dominant_runs']:.1f} |")
         if args.plot:
             plot(runs, Path(args.plot))
             print(f"plot: {args.plot}")
