@@ -41,17 +41,20 @@ def cmd_tokenizer(args) -> int:
 def cmd_shards(args) -> int:
     from fluidlm.data.shards import write_shards
 
+    seed = None if args.shuffle_seed < 0 else args.shuffle_seed
     manifest = write_shards(_documents(args.input), Path(args.tokenizer), args.seq_len, Path(args.out),
-                            args.samples_per_shard, args.workers)
+                            args.samples_per_shard, args.workers, shuffle_seed=seed)
     _report(f"shards → {args.out}", manifest)
     print(f"  shards: {len(manifest['shards'])}; tokens/s: {manifest['tokens_per_s']:,.0f}")
     return 0
 
 
-def prepare(out: Path, vocab_size: int = 4096, seq_len: int = 512, workers: int = 2) -> dict:
-    """corpus → tokenizer (train split only) → train and val shards, skipping what is up to date."""
+def prepare(out: Path, vocab_size: int = 4096, seq_len: int = 512, workers: int = 2, shuffle_seed: int | None = 0) -> dict:
+    """corpus → tokenizer (train split only) → train and val shards, skipping what is up to date.
+    The training samples are shuffled across the corpus (`shuffle_seed`; None = corpus order); the
+    validation split keeps corpus order (evaluation reads its documents back whole, in order)."""
     from fluidlm.data.corpus import iter_documents, write_default_corpus
-    from fluidlm.data.shards import load_manifest, write_shards
+    from fluidlm.data.shards import MANIFEST_VERSION, load_manifest, write_shards
     from fluidlm.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
 
     corpus, tok = out / "corpus", out / "tokenizer.model"
@@ -65,11 +68,14 @@ def prepare(out: Path, vocab_size: int = 4096, seq_len: int = 512, workers: int 
         manifest_path = shard_dir / "manifest.json"
         if manifest_path.exists():
             m = json.loads(manifest_path.read_text())
-            if m.get("seq_len") == seq_len and m.get("tokenizer_sha256") == file_sha256(tok):
+            want_seed = shuffle_seed if split == "train" else None
+            if (m.get("seq_len") == seq_len and m.get("tokenizer_sha256") == file_sha256(tok)
+                    and m.get("format_version") == MANIFEST_VERSION and m.get("shuffle_seed") == want_seed):
                 result[split] = load_manifest(manifest_path)
                 print(f"{split} shards up to date: {m['total_samples']} samples of {seq_len + 1} tokens")
                 continue
-        m = write_shards(iter_documents([str(corpus / f"{split}.jsonl")]), tok, seq_len, shard_dir, workers=workers)
+        m = write_shards(iter_documents([str(corpus / f"{split}.jsonl")]), tok, seq_len, shard_dir, workers=workers,
+                         shuffle_seed=shuffle_seed if split == "train" else None)
         print(f"{split} shards: {m['total_samples']} samples, {m['total_tokens']:,} tokens, {m['tokens_per_s']:,.0f} tokens/s")
         result[split] = m
     return result
@@ -116,6 +122,9 @@ def register(subparsers) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--samples-per-shard", type=int, default=256)
     s.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    s.add_argument("--shuffle-seed", type=int, default=0,
+                   help="shuffle the packed samples across the whole corpus with this seed before filling the "
+                        "shards (-1: keep corpus order, e.g. for a validation split read back as whole documents)")
     s.set_defaults(func=_guard(cmd_shards))
 
     r = sub.add_parser("prepare", help="corpus → tokenizer → train/val shards in one go (skips what is up to date)")

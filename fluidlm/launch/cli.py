@@ -175,11 +175,14 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
         raise LaunchError(f"--nproc-per-node={nproc} but this node has {torch.cuda.device_count()} GPU(s) visible "
                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); one process per GPU")
 
-    # Every shard the manifest lists must be readable from this node (a shared file system).
+    # Every local shard the manifest lists must be readable from this node (a shared file system);
+    # remote ones (http(s)://, s3://, pipe:, ...) are fetched by each rank, with retries.
+    from fluidlm.data.shards import is_remote, shard_url
+
     shard_dir = config.manifest_path().parent
     for shard in manifest.get("shards", []):
-        path = shard_dir / shard["file"]
-        if not os.access(path, os.R_OK):
+        path = shard_url({**manifest, "root": str(shard_dir)}, shard)
+        if not is_remote(path) and not os.access(path, os.R_OK):
             raise LaunchError(f"data.dir={config.data.dir!r}: shard {str(path)!r} is missing or unreadable on this "
                               f"node ({socket.gethostname()}); every node needs the data (a shared file system)")
 

@@ -25,18 +25,55 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field (`section.key`) and the fix."""
 
 
+class DataSource(StrictModel):
+    """One prepared folder of a weighted mixture."""
+
+    dir: str = Field(..., description="folder made by `fluidlm data prepare` (train/, val/, tokenizer.model)")
+    weight: float = Field(1.0, gt=0, description="relative share of the training samples drawn from this source")
+    name: str | None = Field(None, description="name in the logs and MLflow (source_tokens/<name>); null = the folder's name")
+
+
 class DataConfig(StrictModel):
     """Where the prepared data lives (`fluidlm data prepare --out DIR`) and how it is read."""
 
-    dir: str = Field(
-        ..., description="folder made by `fluidlm data prepare` (holds train/, val/ and tokenizer.model); "
-                         "relative paths are relative to the current directory")
+    dir: str | None = Field(
+        None, description="folder made by `fluidlm data prepare` (holds train/, val/ and tokenizer.model); "
+                          "relative paths are relative to the current directory. One source; use data.sources for "
+                          "several (then data.dir is the first source's folder)")
+    sources: list[DataSource] | None = Field(
+        None, description="several prepared folders mixed by weight: [{dir: ..., weight: ...}, ...]; every sample slot "
+                          "draws its source with probability ∝ weight (seeded, resumable); same tokenizer required")
     train_split: str = Field("train", description="sub-folder of data.dir with the training shards and manifest.json")
     val_split: str = Field("val", description="sub-folder of data.dir with the validation shards")
     seq_len: int = Field(
         ..., ge=1, description="training context in tokens; must equal the --seq-len the shards were built with "
                                "and be at most model.max_seq_len")
     num_workers: int = Field(0, ge=0, le=64, description="loader worker processes per rank (0 = read in the training process)")
+    lanes: int = Field(8, ge=1, le=4096, description="shards are dealt to this many lanes (fewer if an epoch would skip "
+                                                     "over 10% of the samples); micro-batch g reads lane g mod lanes, so a "
+                                                     "data-parallel size dividing it gives each rank its own shards")
+    window: int = Field(2, ge=1, le=1024, description="shards of a lane read (and their samples shuffled) together")
+
+    @model_validator(mode="after")
+    def _one_source_kind(self):
+        if self.sources is None:
+            if self.dir is None:
+                raise ValueError("data.dir (one prepared folder) or data.sources (several, with weights) is required")
+        elif not self.sources:
+            raise ValueError("data.sources is empty; list at least one {dir: ..., weight: ...}")
+        elif self.dir is None:
+            self.dir = self.sources[0].dir
+        elif self.dir != self.sources[0].dir:
+            raise ValueError(f"data.dir={self.dir!r} and data.sources are both set; give only data.sources")
+        return self
+
+    def source_list(self) -> list[tuple[str, str, float]]:
+        """[(name, folder, weight)]: data.sources, or data.dir as the only source."""
+        if self.sources is None:
+            return [(Path(self.dir).name or "data", self.dir, 1.0)]
+        names = [s.name or Path(s.dir).name or f"source{i}" for i, s in enumerate(self.sources)]
+        return [(n if names.count(n) == 1 else f"{n}{i}", s.dir, s.weight)
+                for i, (n, s) in enumerate(zip(names, self.sources))]
 
 
 class TrainConfig(StrictModel):
@@ -175,6 +212,10 @@ class Config(StrictModel):
     def manifest_path(self, split: str | None = None) -> Path:
         return Path(self.data.dir) / (split or self.data.train_split) / "manifest.json"
 
+    def train_sources(self) -> list[tuple[str, Path, float]]:
+        """[(name, training manifest, weight)] of every data source (data.dir alone is one)."""
+        return [(name, Path(d) / self.data.train_split / "manifest.json", w) for name, d, w in self.data.source_list()]
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
@@ -281,20 +322,35 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
 
 def preflight(config: Config) -> dict:
     """Checks that need the file system, still before any process group: the data is there and
-    matches the config. Returns the training manifest. Raises ConfigError naming the field."""
-    data_dir = Path(config.data.dir)
+    matches the config (seq_len, vocabulary, largest token id, one tokenizer for all sources).
+    Returns the training manifest (of the first source). Raises ConfigError naming the field."""
+    manifests = []
+    for name, folder, _ in config.data.source_list():
+        field = "data.dir" if config.data.sources is None else f"data.sources[{name}].dir"
+        manifests.append(_check_source(config, field, folder))
+    for (name, folder, _), m in zip(config.data.source_list()[1:], manifests[1:]):
+        if m.get("tokenizer_sha256") != manifests[0].get("tokenizer_sha256"):
+            raise ConfigError(f"data.sources: {folder!r} was made with another tokenizer (sha256 "
+                              f"{str(m.get('tokenizer_sha256'))[:12]}…) than {config.data.dir!r} "
+                              f"({str(manifests[0].get('tokenizer_sha256'))[:12]}…); rebuild it with "
+                              f"`fluidlm data shards --tokenizer {config.data.dir}/tokenizer.model`")
+    return manifests[0]
+
+
+def _check_source(config: Config, field: str, folder: str) -> dict:
+    data_dir = Path(folder)
     if not data_dir.is_dir():
-        raise ConfigError(f"data.dir={config.data.dir!r} does not exist; build it with "
-                          f"`fluidlm data prepare --out {config.data.dir}` or point data.dir at a prepared folder")
-    manifest_path = config.manifest_path()
+        raise ConfigError(f"{field}={folder!r} does not exist; build it with "
+                          f"`fluidlm data prepare --out {folder}` or point {field} at a prepared folder")
+    manifest_path = data_dir / config.data.train_split / "manifest.json"
     if not manifest_path.is_file():
-        raise ConfigError(f"data.dir={config.data.dir!r} has no {config.data.train_split}/manifest.json "
-                          f"(data.train_split={config.data.train_split!r}); run `fluidlm data prepare --out {config.data.dir}`")
+        raise ConfigError(f"{field}={folder!r} has no {config.data.train_split}/manifest.json "
+                          f"(data.train_split={config.data.train_split!r}); run `fluidlm data prepare --out {folder}`")
     try:
         manifest = json.loads(manifest_path.read_text())
         shard_seq_len = int(manifest["seq_len"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"data.dir: {str(manifest_path)!r} is not a shard manifest ({exc}); rebuild the data") from None
+        raise ConfigError(f"{field}: {str(manifest_path)!r} is not a shard manifest ({exc}); rebuild the data") from None
     if shard_seq_len != config.data.seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len} but the shards in {str(manifest_path.parent)!r} hold "
                           f"sequences of {shard_seq_len} tokens; set data.seq_len={shard_seq_len} or rebuild the data "
@@ -303,4 +359,16 @@ def preflight(config: Config) -> dict:
     if vocab is not None and int(vocab) > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({vocab}, from {str(manifest_path)!r}); set model.vocab_size={vocab}")
+    # The largest token id each shard holds (recorded by the writer since manifest format 2).
+    top, where = None, None
+    for entry in manifest.get("shards", []):
+        m = entry.get("max_token_id") if isinstance(entry, dict) else None
+        if m is not None and (top is None or m > top):
+            top, where = int(m), entry.get("file")
+    for limit, what in ((config.model.vocab_size, f"model.vocab_size={config.model.vocab_size}"),
+                        (int(vocab) if vocab is not None else None, f"the manifest's vocab_size={vocab}")):
+        if top is not None and limit is not None and top >= limit:
+            raise ConfigError(f"{field}: shard {where!r} in {str(manifest_path.parent)!r} holds token id {top}, outside "
+                              f"{what} (shards made with another tokenizer?); rebuild the shards with the tokenizer of "
+                              f"{folder}/tokenizer.model, or set model.vocab_size above {top} if the vocabulary is larger")
     return manifest

@@ -129,8 +129,9 @@ def train(config: Config, resume_from=None) -> int:
     pipeline = layout.pp > 1
     seed_everything(t.seed + 1000003 * dp_rank)
 
-    loader = ShardLoader(config.manifest_path(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
-                         seed=t.seed, num_workers=config.data.num_workers)
+    loader = ShardLoader(config.train_sources(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
+                         seed=t.seed, num_workers=config.data.num_workers, lanes=config.data.lanes,
+                         window=config.data.window, vocab_size=config.model.vocab_size)
     progress, rank_state = Progress(), None
     if resume_from is not None and is_universal(resume_from):  # a layout change (fluidlm checkpoint convert)
         meta = load_into_engine(engine, resume_from, config.to_dict()["model"], pipeline)
@@ -267,6 +268,7 @@ def train(config: Config, resume_from=None) -> int:
                     "peak_mem_mib": peak_memory_mib(dist_info.device),
                     "tokens": progress.tokens,
                     "step_time_s": step_time,
+                    **loader.mixture_metrics(),  # tokens drawn per data source (several sources only)
                 }
                 tracker.log(progress.step, metrics)
             if bar is not None:
