@@ -15,16 +15,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fluidlm.kernels.common import accumulation_dtype, feature_map_fn, input_weight, segment_ids
+from fluidlm.kernels.common import DAState, accumulation_dtype, feature_map_fn, input_weight, segment_ids
 
 
 def chunked_differential_attention(
-    q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=64, initial_state=None, return_state=False
+    q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=64, initial_state=None, return_state=False,
+    output_final_state=False,
 ):
-    """`initial_state` / `return_state` (causal, no documents): the (B, H, d, dv+1) fp32 state
-    (S and z side by side) carried in from earlier tokens and out to later ones: streaming."""
-    if (initial_state is not None or return_state) and (not causal or cu_seqlens is not None):
+    """State, the op contract: `initial_state` a DAState (per row, or per document with `cu_seqlens`,
+    B = 1 here) and `output_final_state=True` returns (o, DAState). The bidirectional form takes the
+    initial state into its left (causal) part and returns the causal final state. With documents and a
+    state the documents run one after another (a host loop: this is the CPU path and the fallback).
+
+    Streaming (kept for `model.forward_stream`): `initial_state` a (B, H, d, dv+1) tensor (S and z side by
+    side) and `return_state=True` returns (o, that tensor); causal, no documents."""
+    legacy = return_state or isinstance(initial_state, torch.Tensor)
+    if legacy and (not causal or cu_seqlens is not None):
         raise ValueError("state passing needs the causal form without cu_seqlens")
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        return _per_document(q, k, v, g, causal=causal, feature_map=feature_map, eps=eps, cu_seqlens=cu_seqlens,
+                             chunk_size=chunk_size, initial_state=initial_state)
     acc = accumulation_dtype(q.dtype)
     n = q.shape[-2]
     dv = v.shape[-1]
@@ -33,6 +43,8 @@ def chunked_differential_attention(
     kb = feature_map_fn(k.to(acc), feature_map) * input_weight(g)[..., None]  # β_i φ(k_i)
     v_aug = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     seg = segment_ids(cu_seqlens, n, q.device)
+    if initial_state is not None and not isinstance(initial_state, torch.Tensor):
+        initial_state = DAState(*initial_state).augmented(acc)
 
     num, state = decayed_causal_scan(fq, kb, v_aug, g, seg, chunk_size, strict=False, initial_state=initial_state)
     if not causal:
@@ -45,7 +57,24 @@ def chunked_differential_attention(
         )
         num = num + flip(anti)
     o = num[..., :dv] / (num[..., dv:] + eps)
-    return (o, state) if return_state else o
+    if return_state:
+        return o, state
+    return (o, DAState.from_augmented(state)) if output_final_state else o
+
+
+def _per_document(q, k, v, g, *, cu_seqlens, initial_state, **kw):
+    """Documents with states: each document on its own, with its own initial state (B = 1)."""
+    cu = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+        st = None if initial_state is None else DAState(initial_state[0][i:i + 1], initial_state[1][i:i + 1])
+        o, f = chunked_differential_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e], cu_seqlens=None, initial_state=st,
+            output_final_state=True, **kw,
+        )
+        outs.append(o)
+        finals.append(f)
+    return torch.cat(outs, dim=2), DAState(torch.cat([f.S for f in finals]), torch.cat([f.z for f in finals]))
 
 
 def decayed_causal_scan(q, k, v, g, seg, chunk_size, *, strict, initial_state=None):

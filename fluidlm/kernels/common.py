@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def doc_bounds(cu_seqlens: torch.Tensor | None, b: int, n: int, device):
+    """(starts, ends) of the documents, ends exclusive, as int64 tensors: one per row without
+    `cu_seqlens` (row r spans [r·N, (r+1)·N) of the flattened B·N tokens)."""
+    if cu_seqlens is None:
+        cu = torch.arange(b + 1, device=device, dtype=torch.long) * n
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+    return cu[:-1], cu[1:]
+
+
 def segment_ids(cu_seqlens: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
     """(1, N) document index of every token, or None when there are no documents."""
     if cu_seqlens is None:
@@ -33,3 +45,30 @@ def segment_ids(cu_seqlens: torch.Tensor | None, n: int, device) -> torch.Tensor
 def input_weight(g: torch.Tensor) -> torch.Tensor:
     """β = 1 - exp(g), computed as -expm1(g) so small steps keep their precision."""
     return -torch.expm1(g)
+
+
+class DAState(NamedTuple):
+    """The recurrent state of Differential Attention, the one type every backend takes as
+    `initial_state` and returns with `output_final_state=True`.
+
+    S: (R, H, d, dv) fp32 (fp64 for fp64 inputs), Σ_i (decay to the position) β_i φ(k_i) v_iᵀ;  z: (R, H, d) fp32, the same
+    sum without v (the normaliser). R = B (one state per row) or, with `cu_seqlens`, the number of
+    documents (one state per document, flash-linear-attention's convention). An initial state is the
+    state just before a row's (document's) first token; a final state the state after its last token.
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+
+    @staticmethod
+    def zeros(r: int, h: int, d: int, dv: int, device=None) -> "DAState":
+        return DAState(torch.zeros(r, h, d, dv, device=device), torch.zeros(r, h, d, device=device))
+
+    def augmented(self, dtype=None) -> torch.Tensor:
+        """(R, H, d, dv+1): z as the last column of S (the layout of the torch scans)."""
+        dtype = dtype or self.S.dtype
+        return torch.cat([self.S.to(dtype), self.z.to(dtype)[..., None]], dim=-1)
+
+    @staticmethod
+    def from_augmented(state: torch.Tensor) -> "DAState":
+        return DAState(state[..., :-1], state[..., -1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fluidlm.kernels.common import accumulation_dtype, feature_map_fn, input_weight, segment_ids
+from fluidlm.kernels.common import DAState, accumulation_dtype, feature_map_fn, input_weight, segment_ids
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,10 @@ def recurrent_step(state, fq_t, fk_t, v_aug_t, g_t):
     return state, torch.einsum("bhd,bhde->bhe", fq_t, state)
 
 
-def recurrent_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=None):
+def recurrent_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_seqlens, chunk_size=None,
+                                     initial_state=None, output_final_state=False):
+    """State (DAState): one per row, or one per document with `cu_seqlens` (B = 1): a document's
+    initial state is loaded at its first token, its final state read after its last token."""
     acc = accumulation_dtype(q.dtype)
     b, h, n, d = q.shape
     dv = v.shape[-1]
@@ -38,15 +41,21 @@ def recurrent_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu
     v_aug = _with_ones(v.to(acc))
     g = g.to(acc)
     seg = segment_ids(cu_seqlens, n, q.device)
-    starts = set() if seg is None else set(cu_seqlens[:-1].tolist())
+    cu = [0, n] if seg is None else cu_seqlens.tolist()
+    starts = {s: i for i, s in enumerate(cu[:-1])}
+    ends = {e - 1: i for i, e in enumerate(cu[1:])}
+    init = None if initial_state is None else DAState(*initial_state).augmented(acc)
 
     state = q.new_zeros(b, h, d, dv + 1, dtype=acc)
+    finals = [None] * (len(cu) - 1)
     outs = []
     for t in range(n):
         if t in starts:
-            state = torch.zeros_like(state)
+            state = torch.zeros_like(state) if init is None else (init if seg is None else init[starts[t]][None])
         state, out = recurrent_step(state, fq[:, :, t], fk[:, :, t], v_aug[:, :, t], g[:, :, t])
         outs.append(out)
+        if t in ends:
+            finals[ends[t]] = state
     num = torch.stack(outs, dim=2)
 
     if not causal:
@@ -63,4 +72,8 @@ def recurrent_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu
         backs = torch.stack(backs[::-1], dim=2)  # (B, H, N, d, dv+1)
         num = num + torch.einsum("bhnd,bhnde->bhne", fq, backs)
 
-    return num[..., :dv] / (num[..., dv:] + eps)
+    o = num[..., :dv] / (num[..., dv:] + eps)
+    if not output_final_state:
+        return o
+    final = finals[0] if seg is None else torch.cat(finals, dim=0)
+    return o, DAState.from_augmented(final)
