@@ -317,7 +317,6 @@ def _torchrun(args, nproc: int, cwd: Path, timeout: int = 400):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"tp": 2}, {"cp": 2}, {"pp": 2}], ids=["tp2", "cp2", "pp2"])
 def test_model_parallel_layouts_reproduce_the_single_process_masked_lm_losses(runs, layout):
     tmp, name = runs["tmp"], "_".join(f"{k}{v}" for k, v in layout.items())
@@ -332,6 +331,24 @@ def test_model_parallel_layouts_reproduce_the_single_process_masked_lm_losses(ru
     assert max(abs(single[k] - got[k]) for k in single) <= TP_TOLERANCE, (single, got)
     m1, m2 = read_metrics(runs["runs"] / "single"), read_metrics(runs["runs"] / name)
     assert max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(m1, m2)) < 1e-4
+
+
+@pytest.mark.slow
+def test_data_parallel_masked_lm_resumes_exactly(runs):
+    tmp = runs["tmp"]
+
+    def launch(name, run, resume=False, **train):
+        cfg = mlm_config(runs["data"], runs["runs"] / run, train={"steps": 6, **train})
+        args = ["-m", "fluidlm.train", "--config", str(write_config(tmp / f"{name}.yaml", cfg))]
+        proc = _torchrun(args + (["--resume", "auto"] if resume else []), 2, tmp)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "pp 1 × dp 2 × cp 1 × tp 1" in proc.stdout
+
+    launch("dp2", "dp2")
+    launch("dp2_a", "dp2_staged", stop_at=3)
+    launch("dp2_b", "dp2_staged", resume=True)
+    assert losses(runs["runs"] / "dp2") == losses(runs["runs"] / "dp2_staged")  # bit for bit, dropout on
+    assert list(losses(runs["runs"] / "dp2")) == list(range(1, 7))
 
 
 # --- evaluation -------------------------------------------------------------------------------------------

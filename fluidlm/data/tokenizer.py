@@ -31,8 +31,9 @@ def train_tokenizer(documents, vocab_size: int, out: Path, seed: int = 0) -> dic
     random.Random(seed).shuffle(lines)
     lines = lines[:MAX_TRAINING_LINES]
     distinct_chars = len(set("".join(lines[:50_000])))
-    if vocab_size < 256 + 4 + 1:
-        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 260 ids; use at least 300")
+    if vocab_size < 256 + 5 + 1:  # 256 bytes + UNK, BOS, EOS, "\n", <mask>
+        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback and the special pieces alone need 261 ids; "
+                        "use at least 300")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
