@@ -1,6 +1,12 @@
 """DA vs its softmax baseline: same data, steps and seed; perplexity at the training length and
 4× and 16× past it, on the same held-out documents.
 
+`--direction bidirectional`: both models bidirectional (DA's bidirectional form vs SDPA without the
+causal mask, RoPE), trained with the masked-LM objective (BERT's 15 %, 80/10/10) and scored by
+masked-token perplexity (fixed seeded masks, the same positions at every length; no streaming: a
+bidirectional window is run whole). Results go to bench/results/compare_mlm.* (the causal
+results files stay), runs to runs/compare_mlm.
+
     fluidlm data prepare --out data/default --vocab-size 4096 --seq-len 256   # once
     python bench/compare.py                       # both models, train.steps of configs/tiny-cpu.yaml
     python bench/compare.py --steps 150           # shorter (≈ 15 min on a 2-core CPU, see README)
@@ -15,7 +21,7 @@ at least 16 × the training length (so every length fills its window), split int
 --eval-doc-tokens (the default corpus's val split holds few, very long documents), at most
 --eval-tokens in all.
 
-Writes bench/results/compare.{json,md,png}.
+Writes bench/results/compare.{json,md,png} (compare_mlm.* with --direction bidirectional).
 """
 
 from __future__ import annotations
@@ -52,16 +58,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps of each model (default: the config's)")
     p.add_argument("--warmup", type=int, default=None, help="optim.warmup_steps (default: min(config's, steps/10))")
     p.add_argument("--data", default="data/default", help="folder from `fluidlm data prepare`")
-    p.add_argument("--runs-dir", default="runs/compare")
+    p.add_argument("--direction", choices=["causal", "bidirectional"], default="causal",
+                   help="causal: next-token perplexity (DA streamed); bidirectional: masked-LM training and masked-token "
+                        "perplexity, results in compare_mlm.*")
+    p.add_argument("--runs-dir", default=None, help="default runs/compare (runs/compare_mlm bidirectional)")
     p.add_argument("--nproc", type=int, default=1, help="training processes (torchrun when > 1)")
     p.add_argument("--multipliers", default="1,4,16", help="evaluation lengths as multiples of the training length")
     p.add_argument("--eval-tokens", type=int, default=98304, help="at most this many evaluation tokens")
     p.add_argument("--eval-doc-tokens", type=int, default=None, help="split documents into pieces of this many tokens "
                                                                           "(default 2 × longest length)")
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs in --runs-dir")
-    p.add_argument("--out", default=str(RESULTS / "compare"), help="output path without suffix")
+    p.add_argument("--out", default=None, help="output path without suffix (default bench/results/compare, "
+                                               "compare_mlm bidirectional)")
     p.add_argument("overrides", nargs="*", help="extra config overrides for both runs (section.key=value)")
     args = p.parse_args()
+    mlm = args.direction == "bidirectional"
+    args.runs_dir = args.runs_dir or ("runs/compare_mlm" if mlm else "runs/compare")
+    args.out = args.out or str(RESULTS / ("compare_mlm" if mlm else "compare"))
+    if mlm:  # masked-LM training needs the tokenizer's mask token (fluidlm data prepare adds it)
+        sys.path.insert(0, str(ROOT))
+        from fluidlm.data.tokenizer import load_tokenizer, mask_id
+
+        tok = ROOT / args.data / "tokenizer.model"
+        if not tok.is_file() or mask_id(load_tokenizer(tok)) is None:
+            sys.exit(f"{tok} is missing or has no mask token; run `fluidlm data prepare --out {args.data} --vocab-size "
+                     "4096 --seq-len 256` (it retrains a tokenizer made before the mask token existed)")
 
     cfg = yaml.safe_load(CONFIG.read_text())
     seq_len = int(cfg["data"]["seq_len"])
@@ -76,7 +97,7 @@ def main() -> None:
     log = runs / "compare.log"
     common = [f"data.dir={args.data}", f"train.steps={steps}", f"optim.warmup_steps={warmup}",
               f"model.max_seq_len={longest}", "checkpoint.every=0", "checkpoint.keep=1", "logging.progress=false",
-              *args.overrides]
+              *(["model.direction=bidirectional", "train.objective=masked_lm"] if mlm else []), *args.overrides]
     models = {"da": ["model.attention=da"], "softmax": ["model.attention=softmax"]}
     timings: dict[str, dict] = {}
     for name, extra in models.items():
@@ -95,7 +116,7 @@ def main() -> None:
                f"{args.data}/val/manifest.json", "--context-lengths", ",".join(map(str, lengths)), "--mode", "disjoint",
                "--min-doc-tokens", str(longest + 1), "--max-doc-tokens", str(doc_cap), "--max-tokens",
                str(args.eval_tokens), "--out", str(out), "--no-progress"]
-        if name == "da":
+        if name == "da" and not mlm:
             cmd += ["--stream", "--stream-chunk", str(min(2048, longest))]
         timings[name]["eval_s"] = sh(cmd, log)
     reports = {name: json.loads((runs / f"eval_{name}.json").read_text()) for name in models}
@@ -106,7 +127,8 @@ def main() -> None:
         final_loss[name] = sum(r["loss"] for r in tail) / len(tail)
 
     summary = {
-        "config": str(CONFIG.relative_to(ROOT)), "steps": steps, "warmup_steps": warmup, "seq_len": seq_len,
+        "config": str(CONFIG.relative_to(ROOT)), "direction": args.direction,
+        "objective": "masked_lm" if mlm else "causal_lm", "steps": steps, "warmup_steps": warmup, "seq_len": seq_len,
         "max_seq_len": longest, "nproc": args.nproc, "overrides": common, "context_lengths": lengths,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
         "timings_s": timings, "train_loss_last20": final_loss,
@@ -118,15 +140,22 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
 
     da, sm = reports["da"]["results"], reports["softmax"]["results"]
-    lines = [f"# DA vs softmax: perplexity past the training length ({seq_len} tokens)", "",
+    what = "masked-token perplexity" if mlm else "perplexity"
+    masking = reports["da"].get("masking") or {}
+    lines = [f"# DA vs softmax{' (bidirectional, masked LM)' if mlm else ''}: {what} past the training length "
+             f"({seq_len} tokens)", "",
              f"`python bench/compare.py {' '.join(sys.argv[1:])}` — {CONFIG.relative_to(ROOT)}, {steps} steps each "
              f"(warm-up {warmup}), same data, seed and batch; model.max_seq_len={longest}; {summary['machine']}.",
              f"Training time: DA {timings['da'].get('train_s', float('nan')):.0f} s, softmax "
-             f"{timings['softmax'].get('train_s', float('nan')):.0f} s; mean training loss of the last 20 steps: "
-             f"DA {final_loss['da']:.3f}, softmax {final_loss['softmax']:.3f}.",
+             f"{timings['softmax'].get('train_s', float('nan')):.0f} s; mean training loss of the last 20 steps"
+             f"{' (masked tokens)' if mlm else ''}: DA {final_loss['da']:.3f}, softmax {final_loss['softmax']:.3f}.",
              f"Evaluation: {summary['eval_data']['documents']} pieces of {doc_cap} tokens from the val split's documents, "
-             f"{summary['eval_data']['tokens']:,} tokens; disjoint windows; DA streamed (--stream), softmax full windows.",
-             "", "| context | × train | DA ppl | softmax ppl | DA loss | softmax loss | tokens |",
+             f"{summary['eval_data']['tokens']:,} tokens; disjoint windows; " +
+             (f"{masking.get('rate', 0):.0%} of each piece's tokens masked (seed {masking.get('seed')}, the same positions "
+              "at every length), each window run whole (bidirectional)." if mlm else
+              "DA streamed (--stream), softmax full windows."),
+             "", f"| context | × train | DA {'masked ' if mlm else ''}ppl | softmax {'masked ' if mlm else ''}ppl | DA loss | "
+                 f"softmax loss | {'masked ' if mlm else ''}tokens |",
              "|---|---|---|---|---|---|---|"]
     for a, b, m in zip(da, sm, mults):
         lines.append(f"| {a['context_length']} | {m} | {a['perplexity']:.2f} | {b['perplexity']:.2f} | {a['loss']:.4f} | "
@@ -144,12 +173,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, res in (("DA (stream)", da), ("softmax", sm)):
+    for name, res in (("DA" if mlm else "DA (stream)", da), ("softmax", sm)):
         a.plot([r["context_length"] for r in res], [r["perplexity"] for r in res], "o-", label=name)
     a.axvline(seq_len, color="gray", ls="--", lw=1, label="training length")
     a.set_xscale("log", base=2)
     a.set_xlabel("context length (tokens)")
-    a.set_ylabel("perplexity")
+    a.set_ylabel(what)
     a.set_title(f"{steps} steps, trained at {seq_len} tokens")
     a.legend()
     for name, res in (("DA", da), ("softmax", sm)):

@@ -55,12 +55,13 @@ def prepare(out: Path, vocab_size: int = 4096, seq_len: int = 512, workers: int 
     validation split keeps corpus order (evaluation reads its documents back whole, in order)."""
     from fluidlm.data.corpus import iter_documents, write_default_corpus
     from fluidlm.data.shards import MANIFEST_VERSION, load_manifest, write_shards
-    from fluidlm.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+    from fluidlm.data.tokenizer import file_sha256, load_tokenizer, mask_id, train_tokenizer
 
     corpus, tok = out / "corpus", out / "tokenizer.model"
     if not (corpus / "train.jsonl").exists():
         _report("corpus", write_default_corpus(corpus))
-    if not tok.exists() or load_tokenizer(tok).get_piece_size() != vocab_size:
+    # (a tokenizer from before the mask token existed is retrained: masked-LM training needs it)
+    if not tok.exists() or load_tokenizer(tok).get_piece_size() != vocab_size or mask_id(load_tokenizer(tok)) is None:
         _report("tokenizer", train_tokenizer(iter_documents([str(corpus / "train.jsonl")]), vocab_size, tok))
     result = {}
     for split in ("train", "val"):

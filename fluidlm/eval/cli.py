@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp", type=int, default=1, help="context parallelism under torchrun (DA): every packed row of "
                                                       "windows is split across this many ranks, which pass the DA state "
                                                       "between them; must divide the number of processes")
+    p.add_argument("--mask-rate", type=float, default=None,
+                   help="masked-LM (bidirectional) checkpoints: fraction of each document's non-special tokens masked and "
+                        "scored (default: the training's train.mlm.rate)")
+    p.add_argument("--mask-seed", type=int, default=0, help="masked-LM checkpoints: seed of the fixed evaluation masks "
+                                                            "(the same positions at every context length)")
     p.add_argument("--max-docs", type=int, default=None, help="score at most this many documents (pieces; in data order)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop adding documents before this many tokens")
     p.add_argument("--max-doc-tokens", type=int, default=None, help="split documents longer than N tokens into consecutive pieces of N tokens, "
@@ -170,6 +175,7 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
         rid = run.info.run_id
         params = {"mode": report["mode"], "stride": report["stride"], "stream": report["stream"],
+                  "objective": report.get("objective", "causal_lm"),
                   "context_lengths": ",".join(str(c) for c in report["context_lengths"]),
                   "checkpoint": str(info.path), "step": info.step, "data": report["data"]["source"][:400],
                   "documents": report["data"]["documents"], "tokens": report["data"]["tokens"],
@@ -207,19 +213,23 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 # --- the command -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from fluidlm.eval.perplexity import (EvalError, EvalSpec, check_context_lengths, checkpoint_info, evaluate,
-                                         format_table, load_documents, load_model, plot, resolve_checkpoint)
+    from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, checkpoint_info,
+                                         evaluate, format_table, load_documents, load_model, plot, resolve_checkpoint)
 
     rank = int(os.environ.get("RANK", "0"))
     main = rank == 0
     t0 = time.perf_counter()
     try:
         spec = EvalSpec(context_lengths=list(args.context_lengths), mode=args.mode, stride=args.stride, stream=args.stream,
-                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype, cp=args.cp, tp=args.tp)
+                        stream_chunk=args.stream_chunk, batch_tokens=args.batch_tokens, dtype=args.dtype, cp=args.cp, tp=args.tp,
+                        mask_seed=args.mask_seed)
         if args.stream_chunk < 1 or args.batch_tokens < 1:
             raise EvalError("--stream-chunk and --batch-tokens must be positive")
         path = resolve_checkpoint(args.checkpoint)
         info = checkpoint_info(path)
+        apply_objective(spec, info.config, args.mask_rate)  # masked_lm → masked-token perplexity; refuses leaked models
+        if args.mask_rate is not None and spec.masking is None:
+            raise EvalError("--mask-rate applies to masked-LM checkpoints only; this one is a causal LM")
         check_context_lengths(spec, info.config["model"])
         docs, data = load_documents(args.data, info, tokenizer=args.tokenizer, max_docs=args.max_docs,
                                     max_tokens=args.max_tokens, min_doc_tokens=args.min_doc_tokens,
@@ -266,6 +276,11 @@ def run(args: argparse.Namespace) -> int:
         "mode": spec.mode, "stride": spec.stride if spec.mode == "sliding" else None,
         "stream": spec.stream, "stream_chunk": spec.stream_chunk if spec.stream else None,
         "context_lengths": spec.context_lengths,
+        "objective": spec.objective,
+        "masking": None if spec.masking is None else {
+            "rate": spec.masking.rate, "seed": spec.mask_seed, "mask_id": spec.masking.mask_id,
+            "special_ids": list(spec.masking.special_ids), "replacement": "every masked position → the mask token",
+            "positions": "fixed per document (seeded by seed and document index): the same at every context length"},
         "world_size": world, "tp": spec.tp, "cp": spec.cp, "device": str(device), "dtype": spec.dtype,
         "results": [{**r, "beyond_training_length": r["context_length"] > train_len} for r in results],
     }

@@ -26,6 +26,15 @@ Definitions (what every number in the output means):
   start. Same numbers as one full-window forward (float tolerance), memory constant in C: context
   lengths beyond the model's `max_seq_len` are allowed only this way.
 - Perplexity = exp(Σ NLL / Σ scored targets) over all documents (natural log).
+- Bidirectional checkpoints (train.objective=masked_lm): masked-token perplexity. Each document
+  gets a fixed set of masked positions, every non-special token with probability --mask-rate
+  (default: the training's train.mlm.rate), from a generator seeded by (--mask-seed, document
+  index): the same positions at every context length and world size. A document of L tokens has L
+  inputs (no shift); disjoint windows of C tokens, each run from an empty state and seeing both
+  sides *within the window*; every masked position of a window is replaced by the mask token (no
+  random/kept tokens at evaluation) and scored by the original token's NLL. Position p = the
+  1-based index inside the window. `--stream` and `--mode sliding` are next-token notions and are
+  refused (a bidirectional window needs all its tokens at once).
 
 Under torchrun every rank scores its own documents (assigned greedily by length, so ranks get
 similar work); the NLL sums are all-reduced in float64 (gloo on CPU, NCCL on CUDA).
@@ -387,6 +396,12 @@ class EvalSpec:
     dtype: str = "fp32"                  # "fp32" | "bf16" (autocast)
     cp: int = 1                          # context parallelism: each packed row split across this many ranks
     tp: int = 1                          # tensor parallelism: the model's heads/FFN/vocabulary split across ranks
+    masking: object = None               # masked_lm checkpoints: the MaskingSpec (mask id, special ids, rate)
+    mask_seed: int = 0                   # masked_lm: seed of the fixed evaluation masks
+
+    @property
+    def objective(self) -> str:
+        return "causal_lm" if self.masking is None else "masked_lm"
 
     def stride_for(self, c: int) -> int | None:
         if self.mode != "sliding":
@@ -409,11 +424,44 @@ def windows_for(n_inputs: int, c: int, mode: str, stride: int | None) -> list[tu
         start += stride
 
 
+def apply_objective(spec: EvalSpec, config: dict, mask_rate: float | None = None) -> EvalSpec:
+    """Set spec.masking from a checkpoint's resolved training config: masked_lm checkpoints are
+    scored on masked tokens (`mask_rate`: None = the training rate). EvalError for a checkpoint
+    whose weights mean nothing (a bidirectional model trained on the next token)."""
+    import dataclasses
+
+    from fluidlm.model.objective import MaskingSpec, ObjectiveError, check_checkpoint_objective
+
+    try:
+        objective = check_checkpoint_objective(config, "eval")
+        spec.masking = None
+        if objective == "masked_lm":
+            masking = MaskingSpec.from_config(config["train"])
+            if mask_rate is not None:
+                if not 0 < mask_rate <= 1:
+                    raise EvalError(f"--mask-rate must be in (0, 1], got {mask_rate}")
+                masking = dataclasses.replace(masking, rate=mask_rate)
+            spec.masking = masking
+    except ObjectiveError as exc:
+        raise EvalError(str(exc)) from None
+    return spec
+
+
 def check_context_lengths(spec: EvalSpec, model_config: dict) -> None:
     """Raise EvalError when a context length or mode cannot run on this model."""
     max_len, attention = int(model_config["max_seq_len"]), model_config["attention"]
-    if model_config.get("direction", "causal") != "causal":
-        raise EvalError("perplexity needs a causal model; this checkpoint is bidirectional")
+    if model_config.get("direction", "causal") != "causal" and spec.masking is None:
+        raise EvalError("next-token perplexity needs a causal model; this checkpoint is bidirectional (a masked_lm "
+                        "checkpoint is scored on masked tokens: see apply_objective)")
+    if spec.masking is not None:
+        if spec.stream:
+            raise EvalError("--stream does not apply to a masked-LM (bidirectional) checkpoint: streaming feeds a window "
+                            "piece by piece, left to right, and a bidirectional model needs every token of the window at "
+                            "once (each token reads the ones after it); drop --stream and keep the lengths within "
+                            f"model.max_seq_len={max_len}")
+        if spec.mode != "disjoint":
+            raise EvalError("--mode sliding is a next-token windowing (each window scores only its newest tokens); "
+                            "masked-LM checkpoints are scored with --mode disjoint")
     if not spec.context_lengths or any(c < 1 for c in spec.context_lengths):
         raise EvalError(f"--context-lengths must be positive integers, got {spec.context_lengths}")
     if spec.mode not in ("disjoint", "sliding"):
@@ -470,19 +518,27 @@ class Accumulator:
 CP_MIN_SHARD = 32  # ≥ the PDE halo (max(scales)·steps, 16 by default) and the flow conv's 3 tokens
 
 
-def _score_packed(model, docs, windows, device, acc: Accumulator, autocast, cp=None) -> int:
+def _score_packed(model, docs, windows, device, acc: Accumulator, autocast, cp=None, mlm=None) -> int:
     """Non-streaming: windows packed into one sequence (cu_seqlens: each window is its own
     document for the model). `cp` = (group, size, rank): score this rank's shard of the row.
-    Returns tokens scored (by this rank)."""
+    `mlm` = (per-document bool masks, mask id): masked-LM scoring (inputs = the window with its
+    masked positions replaced by the mask id, targets = the window itself, scored at the masked
+    positions). Returns tokens scored (by this rank)."""
     toks, tgts, cu, keep, pos = [], [], [0], [], []
     for d, start, length, score_from in windows:
         doc = docs[d]
-        toks.append(doc[start:start + length])
-        tgts.append(doc[start + 1:start + length + 1])
+        if mlm is not None:
+            selected = mlm[0][d][start:start + length]
+            toks.append(np.where(selected, mlm[1], doc[start:start + length]))
+            tgts.append(doc[start:start + length])
+            keep.append(selected.copy())
+        else:
+            toks.append(doc[start:start + length])
+            tgts.append(doc[start + 1:start + length + 1])
+            mask = np.zeros(length, dtype=bool)
+            mask[score_from:] = True
+            keep.append(mask)
         cu.append(cu[-1] + length)
-        mask = np.zeros(length, dtype=bool)
-        mask[score_from:] = True
-        keep.append(mask)
         pos.append(np.arange(1, length + 1))
     if cp is not None:  # context parallelism: pad the row (an unscored document) to cp equal shards
         group, cp_size, cp_rank = cp
@@ -561,6 +617,12 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
         tp_rank = ps.get_tensor_model_parallel_rank()
         rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = assign_documents([len(d) for d in docs], world)[rank]
+    mlm, shift = None, 1  # causal: a document of L tokens has L-1 inputs; masked LM: L
+    if spec.masking is not None:
+        from fluidlm.model.objective import evaluation_mask
+
+        mlm = ({d: evaluation_mask(docs[d], spec.masking, spec.mask_seed, d) for d in mine}, spec.masking.mask_id)
+        shift = 0
     if device.type == "cuda" and spec.dtype == "bf16":
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -574,9 +636,10 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
     plans = {}
     total = 0
     for c in spec.context_lengths:
-        plan = [(d, s, n, f) for d in mine for (s, n, f) in windows_for(len(docs[d]) - 1, c, spec.mode, spec.stride_for(c))]
+        plan = [(d, s, n, f) for d in mine for (s, n, f) in windows_for(len(docs[d]) - shift, c, spec.mode,
+                                                                           spec.stride_for(c))]
         plans[c] = plan
-        total += sum(n - f for _, _, n, f in plan)
+        total += sum(int(mlm[0][d][s:s + n].sum()) if mlm else n - f for d, s, n, f in plan)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -606,14 +669,14 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
                 batch, used = [], 0
                 for w in plan + [None]:
                     if batch and (w is None or used + w[2] > cap):
-                        n = _score_packed(model, docs, batch, device, acc, autocast, cp)
+                        n = _score_packed(model, docs, batch, device, acc, autocast, cp, mlm)
                         if bar is not None:
                             bar.update(n)
                         batch, used = [], 0
                     if w is not None:
                         batch.append(w)
                         used += w[2]
-            short = sum(1 for d in mine if len(docs[d]) - 1 < c)
+            short = sum(1 for d in mine if len(docs[d]) - shift < c)
             # (under CP the sums add up shards; the document counts are counted once per CP group)
             owner = (cp is None or cp[2] == 0) and tp_rank == 0
             counts = torch.tensor([short, len(mine), len(plan)] if owner else [0, 0, 0], dtype=torch.float64,
@@ -679,6 +742,11 @@ def format_table(report: dict) -> str:
     mode = report["mode"] + (f" (stride {report['stride'] or 'C/2'})" if report["mode"] == "sliding" else "")
     lines.append(f"mode: {mode}; stream: {report['stream']}; training length {train_len}; model max_seq_len "
                  f"{report['model']['max_seq_len']}")
+    m = report.get("masking")
+    if m:
+        lines.append(f"objective: masked_lm — masked-token perplexity: {m['rate']:.0%} of the non-special tokens of each "
+                     f"document (seed {m['seed']}, the same positions at every length) replaced by the mask token "
+                     f"(id {m['mask_id']}) and scored; each window sees both sides within itself")
     return "\n".join(lines)
 
 
@@ -693,7 +761,7 @@ def plot(report: dict, path: Path) -> Path:
     a.plot([r["context_length"] for r in res], [r["perplexity"] for r in res], "o-")
     a.set_xscale("log", base=2)
     a.set_xlabel("context length (tokens)")
-    a.set_ylabel("perplexity")
+    a.set_ylabel("masked-token perplexity" if report.get("masking") else "perplexity")
     a.set_title(f"perplexity vs context ({report['mode']}{', stream' if report['stream'] else ''})")
     if report.get("train_seq_len"):
         a.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")

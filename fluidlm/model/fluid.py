@@ -125,9 +125,16 @@ class FluidLM(nn.Module):
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean", layers=None):
     """Σ or mean of CE over tokens; peak memory holds one chunk of logits, not N × vocab.
-    `layers` (the model's layer factory) computes each chunk's loss: vocabulary-parallel under TP."""
+    `layers` (the model's layer factory) computes each chunk's loss: vocabulary-parallel under TP.
+    When some targets are -100 (masked LM: most of them), only the scored rows go through the head."""
     loss_sum = (layers or DenseLayers()).lm_loss_sum
-    total = hidden.new_zeros((), dtype=torch.float32)
+    scored = targets != -100
+    if not bool(scored.all()):
+        hidden, targets = hidden[scored], targets[scored]
+    # A zero that is still a function of the weights: a rank (or CP shard) with no scored token
+    # must run the same backward (and gradient all-reduce) as the others.
+    total = (hidden.sum() + weight.sum()).float() * 0.0 if hidden.requires_grad or weight.requires_grad \
+        else hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled() and hidden.requires_grad:

@@ -76,8 +76,41 @@ class DataConfig(StrictModel):
                 for i, (n, s) in enumerate(zip(names, self.sources))]
 
 
+class MaskedLMConfig(StrictModel):
+    """BERT's masking for train.objective=masked_lm (fluidlm/model/objective.py). The ids are
+    filled in from the tokenizer when training starts (`preflight`); set them by hand only for
+    data made without a FluidLM tokenizer."""
+
+    rate: float = Field(0.15, gt=0, le=1, description="fraction of the (non-special) tokens selected for prediction; "
+                                                      "the loss is computed on these positions only")
+    mask_fraction: float = Field(0.8, ge=0, le=1, description="of the selected tokens, the fraction replaced by the "
+                                                             "mask token")
+    random_fraction: float = Field(0.1, ge=0, le=1, description="of the selected tokens, the fraction replaced by a "
+                                                               "random real token (the rest are kept as they are)")
+    mask_id: int | None = Field(None, ge=0, description="id of the mask token; null = the tokenizer's '<mask>' piece "
+                                                        "(`fluidlm data tokenizer` adds it), resolved at start-up")
+    special_ids: list[int] | None = Field(
+        None, description="ids never selected nor drawn as random replacements; null = the tokenizer's control and "
+                          "unknown ids (EOS, BOS, UNK, mask), resolved at start-up")
+    tokenizer_vocab_size: int | None = Field(
+        None, ge=2, description="random replacements are drawn below this id; null = the tokenizer's size, resolved "
+                                "at start-up")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.mask_fraction + self.random_fraction > 1 + 1e-12:
+            raise ValueError(f"train.mlm.mask_fraction + random_fraction = {self.mask_fraction + self.random_fraction} "
+                             "is above 1")
+        return self
+
+
 class TrainConfig(StrictModel):
     """The run: where it writes, how long it is, batch shape, precision, seeds."""
+
+    objective: Literal["causal_lm", "masked_lm"] | None = Field(
+        None, description="causal_lm = next-token loss (causal models only); masked_lm = BERT's masked-token loss "
+                          "(train.mlm); null = causal_lm for model.direction=causal, masked_lm for bidirectional")
+    mlm: MaskedLMConfig = Field(default_factory=MaskedLMConfig, description="masking of train.objective=masked_lm")
 
     run_dir: str = Field(
         "runs/run", description="the run folder: config.yaml, metrics.jsonl and checkpoints/ go here; its parent "
@@ -173,6 +206,14 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        from fluidlm.model.objective import check_objective
+
+        objective = check_objective(self.model.direction, self.train.objective)  # refuses the future leak
+        if self.train.objective != objective:
+            self.train.objective = objective
+        mask_id = self.train.mlm.mask_id
+        if objective == "masked_lm" and mask_id is not None and mask_id >= self.model.vocab_size:
+            raise ValueError(f"train.mlm.mask_id={mask_id} is outside model.vocab_size={self.model.vocab_size}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} is above model.max_seq_len={self.model.max_seq_len} "
                              "(the longest context the model is built for); lower data.seq_len or raise model.max_seq_len")
@@ -371,4 +412,45 @@ def _check_source(config: Config, field: str, folder: str) -> dict:
             raise ConfigError(f"{field}: shard {where!r} in {str(manifest_path.parent)!r} holds token id {top}, outside "
                               f"{what} (shards made with another tokenizer?); rebuild the shards with the tokenizer of "
                               f"{folder}/tokenizer.model, or set model.vocab_size above {top} if the vocabulary is larger")
+    if config.train.objective == "masked_lm":
+        resolve_masked_lm(config, manifest, manifest_path)
     return manifest
+
+
+def resolve_masked_lm(config: Config, manifest: dict, manifest_path: Path) -> None:
+    """Fill in train.mlm.mask_id / special_ids / tokenizer_vocab_size from the data's tokenizer
+    (the manifest's `tokenizer`, else data.dir/tokenizer.model). Raises ConfigError when the
+    tokenizer has no mask token or none is found and the ids are not given."""
+    from fluidlm.data import DataError
+    from fluidlm.data.tokenizer import BOS, EOS, UNK, special_ids
+
+    mlm = config.train.mlm
+    candidates = [Path(manifest["tokenizer"])] if manifest.get("tokenizer") else []
+    candidates.append(Path(config.data.dir) / "tokenizer.model")
+    tokenizer = next((p for p in candidates if p.is_file()), None)
+    if tokenizer is not None:
+        try:
+            found = special_ids(tokenizer)
+        except DataError as exc:
+            raise ConfigError(f"train.objective=masked_lm: {exc}") from None
+        if mlm.mask_id is not None and mlm.mask_id != found["mask_id"]:
+            raise ConfigError(f"train.mlm.mask_id={mlm.mask_id} but the tokenizer {str(tokenizer)!r} has its mask token "
+                              f"at id {found['mask_id']}; remove train.mlm.mask_id")
+        resolved = {"mask_id": found["mask_id"], "special_ids": mlm.special_ids or found["special_ids"],
+                    "tokenizer_vocab_size": mlm.tokenizer_vocab_size or found["vocab_size"]}
+    elif mlm.mask_id is None:
+        raise ConfigError(f"train.objective=masked_lm needs a mask token and the data's tokenizer was not found "
+                          f"(tried {', '.join(repr(str(p)) for p in candidates)}, from {str(manifest_path)!r}); rebuild the "
+                          "data with `fluidlm data prepare`, or, for data made without a FluidLM tokenizer, set "
+                          "train.mlm.mask_id (and train.mlm.special_ids)")
+    else:
+        resolved = {"mask_id": mlm.mask_id, "special_ids": mlm.special_ids or sorted({UNK, BOS, EOS, mlm.mask_id}),
+                    "tokenizer_vocab_size": mlm.tokenizer_vocab_size or int(manifest.get("vocab_size") or
+                                                                             config.model.vocab_size)}
+    if resolved["mask_id"] >= config.model.vocab_size or resolved["tokenizer_vocab_size"] > config.model.vocab_size:
+        raise ConfigError(f"train.mlm: the mask id {resolved['mask_id']} / tokenizer size "
+                          f"{resolved['tokenizer_vocab_size']} do not fit model.vocab_size={config.model.vocab_size}")
+    if resolved["mask_id"] not in resolved["special_ids"]:
+        resolved["special_ids"] = sorted({*resolved["special_ids"], resolved["mask_id"]})
+    for key, value in resolved.items():
+        setattr(mlm, key, value)

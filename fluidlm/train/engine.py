@@ -248,7 +248,8 @@ def deepspeed_config(config: Config, dist_info: DistInfo) -> dict:
 
 
 class LossModule(nn.Module):
-    """What DeepSpeed wraps: forward returns the mean next-token loss. The FluidLM is `.model`
+    """What DeepSpeed wraps: forward returns the mean loss over the scored targets (the next
+    tokens, or the masked positions for masked_lm; -100 = unscored). The FluidLM is `.model`
     (checkpoint keys are therefore prefixed with `model.`).
 
     Under context parallelism each rank holds a shard of the tokens: it returns
@@ -307,11 +308,39 @@ def flatten_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return tokens[:, :-1].reshape(1, -1), tokens[:, 1:].reshape(1, -1), resets.reshape(1, -1)
 
 
-def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0):
-    """(inputs (1, B·L), targets (1, B·L), cu_seqlens) of a loader batch (see `flatten_batch`).
+class Objective:
+    """Turns a flattened micro-batch into the model's (inputs, targets) for train.objective:
+    causal_lm: as they are (targets = the next tokens); masked_lm: BERT's masking of the inputs
+    (fluidlm/model/objective.py), targets = the original tokens at the selected positions, -100
+    elsewhere. The masks come from a generator seeded by (train.seed, step, dp_rank, micro-batch):
+    a resumed run draws exactly the uninterrupted run's masks, and the TP / CP / PP ranks of one
+    data-parallel replica draw the same masks for the same row (each masks the whole row, then
+    keeps its shard). The row keeps its document resets, so nothing crosses a document."""
+
+    def __init__(self, config: Config, dp_rank: int = 0):
+        from fluidlm.model.objective import MaskingSpec
+
+        self.name = config.train.objective
+        self.seed, self.dp_rank = config.train.seed, dp_rank
+        self.spec = MaskingSpec.from_config(config.to_dict()["train"]) if self.name == "masked_lm" else None
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, step: int, micro: int):
+        if self.spec is None:
+            return inputs, targets
+        from fluidlm.model.objective import mask_tokens, masking_generator
+
+        return mask_tokens(inputs, self.spec, masking_generator(self.seed, step, self.dp_rank, micro))
+
+
+def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0, objective: Objective | None = None,
+                    step: int = 0, micro: int = 0):
+    """(inputs (1, B·L), targets (1, B·L), cu_seqlens) of a loader batch (see `flatten_batch`),
+    shaped by `objective` (None = next token) for micro-batch `micro` of step `step`.
     Under context parallelism (cp > 1) inputs and targets are this rank's contiguous 1/cp of the
     row; cu_seqlens stays global."""
     inputs, targets, resets = flatten_batch(batch)
+    if objective is not None:
+        inputs, targets = objective(inputs, targets, step, micro)
     cu_seqlens = cu_seqlens_from_starts(resets)
     if cp > 1:
         from fluidlm.parallel.context import shard_sequence
@@ -320,12 +349,15 @@ def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int
     return (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), cu_seqlens.to(device))
 
 
-def pipeline_batches(batches, device, micro_batches: int):
+def pipeline_batches(batches, device, micro_batches: int, objective: Objective | None = None, step: int = 0):
     """`micro_batches` loader batches as DeepSpeed's pipeline engine wants them:
-    ((inputs, resets), targets), flattened as `flatten_batch` does; the resets travel between the
-    stages as a fixed-shape tensor (fluidlm/parallel/pipeline.py)."""
-    for _ in range(micro_batches):
+    ((inputs, resets), targets), flattened as `flatten_batch` does and shaped by `objective`; the
+    resets travel between the stages as a fixed-shape tensor (fluidlm/parallel/pipeline.py). The
+    first and the last stage each read the batches and draw the same masks."""
+    for micro in range(micro_batches):
         inputs, targets, resets = flatten_batch(next(batches))
+        if objective is not None:
+            inputs, targets = objective(inputs, targets, step, micro)
         yield (inputs.to(device), resets.to(device)), targets.to(device)
 
 

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.checkpoint import CheckpointError, CheckpointSaveError
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (batch_to_inputs, build_engine, build_model, flops_per_token, init_distributed,
-                                  pipeline_batches, seed_everything, use_bf16)
+from fluidlm.train.engine import (Objective, batch_to_inputs, build_engine, build_model, flops_per_token,
+                                  init_distributed, pipeline_batches, seed_everything, use_bf16)
 from fluidlm.train.tracking import Tracker
 from fluidlm.train.universal import is_universal, load_into_engine
 
@@ -128,6 +128,7 @@ def train(config: Config, resume_from=None) -> int:
     layout, dp_rank = dist_info.layout, dist_info.dp_rank
     pipeline = layout.pp > 1
     seed_everything(t.seed + 1000003 * dp_rank)
+    objective = Objective(config, dp_rank)  # causal_lm or masked_lm (masks seeded by seed, step, dp rank, micro-batch)
 
     loader = ShardLoader(config.train_sources(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
                          seed=t.seed, num_workers=config.data.num_workers, lanes=config.data.lanes,
@@ -201,12 +202,13 @@ def train(config: Config, resume_from=None) -> int:
             boundary = (Progress(**vars(progress)), loader.state_dict(), ckpt.rng_state())
             step_start = time.perf_counter()
             loss_sum, stop_votes, nan, bad_grads = 0.0, 0.0, False, False
-            for _ in range(1 if pipeline else t.grad_accum):
+            for micro in range(1 if pipeline else t.grad_accum):
                 if pipeline:  # DeepSpeed runs the step: grad_accum micro-batches through the stages (1F1B)
-                    loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum))
+                    loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum, objective,
+                                                               progress.step))
                 else:
                     inputs, targets, cu_seqlens = batch_to_inputs(next(batches), dist_info.device, layout.cp,
-                                                                  dist_info.cp_rank)
+                                                                  dist_info.cp_rank, objective, progress.step, micro)
                     loss = engine(inputs, targets, cu_seqlens)
                 if t.debug_nan_at_step == progress.step + 1:
                     loss = loss * float("nan")
