@@ -18,10 +18,11 @@
 #      to --out (replacing an older bundle there), and prints its size.
 # Nothing is installed into the builder's environment.
 set -euo pipefail
+HERE=$(pwd)
 cd "$(dirname "$0")/.."
 
 PYV=3.12
-OUT=wheelhouse
+OUT=
 LOCK=requirements/gpu-offline.txt
 MAX_MIB=40
 BUILDER=${PYTHON:-python3}
@@ -42,6 +43,9 @@ if ! [[ $PYV =~ ^3\.[0-9]+$ ]]; then
 fi
 [ -f "$LOCK" ] || { echo "wheelhouse.sh: lock file $LOCK not found" >&2; exit 2; }
 command -v "$BUILDER" >/dev/null || { echo "wheelhouse.sh: builder python '$BUILDER' not found (set PYTHON=)" >&2; exit 2; }
+if [ -z "$OUT" ]; then OUT=$(pwd)/wheelhouse; fi
+case "$OUT" in /*) ;; *) OUT=$HERE/$OUT ;; esac   # relative to where the command was typed
+case "$LOCK" in /*) ;; *) [ -f "$HERE/$LOCK" ] && LOCK=$HERE/$LOCK ;; esac
 ABI=cp${PYV/./}
 
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/wheelhouse.XXXXXX")
@@ -69,10 +73,13 @@ grep '# build:' "$LOCK" | while read -r line; do
     --no-build-isolation --no-binary "${spec%%==*}" "$spec" -w "$STAGE/wheels"
 done
 
-# 3. The project itself.
+# 3. The project itself, from a clean copy of its package files (a stale build/ in the checkout
+#    could add modules that no longer exist).
 echo "[wheelhouse] building the fluidlm wheel from $(pwd)"
-"$BUILDER" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation . -w "$STAGE/wheels"
-rm -rf build ./*.egg-info
+mkdir -p "$STAGE/src"
+cp -r pyproject.toml README.md fluidlm "$STAGE/src/"
+find "$STAGE/src" -name __pycache__ -prune -exec rm -rf {} +
+"$BUILDER" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation "$STAGE/src" -w "$STAGE/wheels"
 
 # 4. Check, then move into place.
 "$BUILDER" scripts/gpu_check.py --check-bundle "$STAGE/wheels" --python-version "$PYV" --lock "$LOCK" \
