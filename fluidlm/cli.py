@@ -18,7 +18,7 @@ SUBCOMMANDS = [
     ("data", "fluidlm.data.cli"),
     ("train", "fluidlm.train.cli"),
     ("eval", "fluidlm.eval.cli"),
-    ("checkpoint", "fluidlm.train.universal"),
+    ("checkpoint", "fluidlm.train.checkpoint_cli"),
     ("launch", "fluidlm.launch.cli"),
 ]
 

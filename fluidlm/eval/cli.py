@@ -204,6 +204,10 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
             summary = [m for m in metrics if m.key.startswith(("eval/perplexity_ctx", "eval/loss_ctx"))]
             client.log_batch(info.mlflow_run_id, metrics=summary)
         return rid
+    except ImportError as exc:  # MLflow is optional (pip install 'fluidlm[mlflow]')
+        print(f"WARNING: MLflow is not available ({exc}); the results are in the JSON file (--no-mlflow silences this)",
+              file=sys.stderr, flush=True)
+        return None
     except Exception as exc:  # never let tracking fail an evaluation
         print(f"WARNING: MLflow logging failed while {stage} at {uri} ({type(exc).__name__}: {str(exc)[:300]}); "
               "the results are in the JSON file", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """Metrics: `metrics.jsonl` in the run folder and MLflow, from rank 0 only.
 
-MLflow is best-effort: the first failure (server down, disk full, bad URI) prints one warning and
+MLflow is optional and best-effort: when it is not installed, one warning says so and metrics.jsonl
+keeps everything; the first failure (server down, disk full, bad URI) prints one warning and
 turns MLflow off for the rest of the run; metrics.jsonl keeps everything. Tracking URI: the
 config's `logging.tracking_uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<run_dir parent>/mlflow.db`
 (MLflow 3 deprecates the file store). For HTTP servers the client's retries are cut to one short
@@ -76,6 +77,11 @@ class Tracker:
                 from mlflow.tracking import MlflowClient
 
                 self.client = MlflowClient(tracking_uri=self.uri)
+        except ImportError as exc:  # a thin machine: MLflow is optional (pip install 'fluidlm[mlflow]')
+            print(f"WARNING: MLflow is not available ({exc}); logging to {self.metrics_path} only "
+                  "(pip install 'fluidlm[mlflow]' to log to MLflow, or set logging.mlflow: false to silence this)",
+                  file=sys.stderr, flush=True)
+            return None
         except Exception as exc:
             print(f"WARNING: MLflow unavailable ({type(exc).__name__}: {exc}); logging to {self.metrics_path} only",
                   file=sys.stderr, flush=True)

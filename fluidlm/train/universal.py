@@ -27,7 +27,6 @@ Needs ZeRO stage 1 or 2 on both sides (stage 0 keeps no flat partitions; stage 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -249,15 +248,7 @@ def _tp_coordinates() -> tuple[int, int]:
 
 
 # --- the command -------------------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("checkpoint", help="checkpoint tools: convert a checkpoint to resume at another layout",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    c = sub.add_parser("convert", help="glue a TP/PP/ZeRO checkpoint into a layout-free universal checkpoint")
-    c.add_argument("checkpoint", help="a step_* folder, a checkpoints/ folder or a run folder (its newest checkpoint)")
-    c.add_argument("--out", required=True, help="folder to write <step tag>/ into (e.g. runs/x/universal)")
-    c.set_defaults(func=run)
+# The parser is fluidlm/train/checkpoint_cli.py (no torch import for --help); it calls run().
 
 
 def run(args) -> int:
