@@ -1,4 +1,4 @@
-"""Every DA backend against the O(N²) weight formula (DESIGN.md §1), forward and gradients."""
+"""Every DA backend against the O(N²) weight formula (docs/design.md §1), forward and gradients."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""`fluidlm eval`: long-context perplexity of a checkpoint (DESIGN.md §7).
+"""`fluidlm eval`: long-context perplexity of a checkpoint (docs/design.md §7).
 
     fluidlm eval --checkpoint runs/demo --data data/default/val/manifest.json \\
         --context-lengths 256,1024,4096 --stream --out runs/demo/eval/results.json

@@ -1,4 +1,4 @@
-"""Long-context perplexity (DESIGN.md §7): the same held-out documents scored at several context
+"""Long-context perplexity (docs/design.md §7): the same held-out documents scored at several context
 lengths, windowing stated, loss by token position, streaming for DA, data parallel.
 
     model, info = load_checkpoint(resolve_checkpoint("runs/demo"))

@@ -1,4 +1,4 @@
-"""Differential Attention (DESIGN.md §1) behind one function, with interchangeable backends."""
+"""Differential Attention (docs/design.md §1) behind one function, with interchangeable backends."""
 
 from fluidlm.kernels.common import DAState
 from fluidlm.kernels.dispatch import BACKENDS, available_backends, differential_attention

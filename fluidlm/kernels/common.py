@@ -11,7 +11,7 @@ FEATURE_MAPS = ("sigmoid", "elu1")
 
 
 def feature_map_fn(x: torch.Tensor, name: str) -> torch.Tensor:
-    """The positive feature map φ of DESIGN.md §1."""
+    """The positive feature map φ of docs/design.md §1."""
     if name == "sigmoid":
         return torch.sigmoid(x)
     if name == "elu1":

@@ -140,7 +140,7 @@ def differential_attention(
     output_final_state: bool = False,
     cu_seqlens_cpu: torch.Tensor | None = None,
 ):
-    """Differential Attention (DESIGN.md §1).
+    """Differential Attention (docs/design.md §1).
 
     q, k: (B, H, N, d) raw (φ is applied inside); v: (B, H, N, dv); g: (B, H, N) log-decay ≤ 0
     (g = -λ_h Δ_{t,h}). Returns o: (B, H, N, dv) in q's dtype, accumulated in fp32 (fp64 for fp64

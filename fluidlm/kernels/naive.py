@@ -1,4 +1,4 @@
-"""O(N²) Differential Attention, written straight from the weight formula of DESIGN.md §1.
+"""O(N²) Differential Attention, written straight from the weight formula of docs/design.md §1.
 
     w_{t,i} = φ(q_t)·φ(k_i) · β_i · exp(-|x_t - x_i|),   x_t = Σ_{j≤t} -g_j
 

@@ -1,4 +1,4 @@
-"""Token-by-token Differential Attention: the O(N) recurrence of DESIGN.md §1.
+"""Token-by-token Differential Attention: the O(N) recurrence of docs/design.md §1.
 
     S_t = a_t S_{t-1} + β_t φ(k_t) v_tᵀ      z_t = a_t z_{t-1} + β_t φ(k_t)
     o_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + ε)

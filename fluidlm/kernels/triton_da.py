@@ -1,4 +1,4 @@
-"""Differential Attention with fused chunked Triton kernels: the GPU path (DESIGN.md §1, item 4).
+"""Differential Attention with fused chunked Triton kernels: the GPU path (docs/design.md §1, item 4).
 
 Decomposition (φ, β and the normalisation stay in PyTorch autograd; Triton does the O(N) part):
 

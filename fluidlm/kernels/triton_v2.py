@@ -1,4 +1,4 @@
-"""Differential Attention v2: segment-parallel Triton kernels (DESIGN.md §1, item 4). `backend="triton"`.
+"""Differential Attention v2: segment-parallel Triton kernels (docs/design.md §1, item 4). `backend="triton"`.
 
 Layout. Documents never cross rows: the rows of (B, H, N, ·) tensors are cut into documents
 (`cu_seqlens` over the flattened B·N tokens, or one document per row) and every document into

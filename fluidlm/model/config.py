@@ -27,7 +27,7 @@ class StrictModel(BaseModel):
 
 
 class PDEConfig(StrictModel):
-    """Multi-scale diffusion right after the embedding (DESIGN.md §2)."""
+    """Multi-scale diffusion right after the embedding (docs/design.md §2)."""
 
     enabled: bool = Field(True, description="apply the PDE diffusion layer after the embedding")
     scales: list[int] = Field([1, 4, 16], description="stencil offsets s (tokens); each a positive int")
@@ -44,7 +44,7 @@ class PDEConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """The Fluid Transformer (DESIGN.md §3) or its softmax baseline."""
+    """The Fluid Transformer (docs/design.md §3) or its softmax baseline."""
 
     vocab_size: int = Field(4096, ge=2, description="tokenizer vocabulary size")
     d_model: int = Field(256, ge=8, description="residual stream width")

@@ -1,4 +1,4 @@
-"""The Fluid Transformer (DESIGN.md §3):
+"""The Fluid Transformer (docs/design.md §3):
 
     embed → PDE diffusion → L × FluidBlock → RMSNorm → LM head (tied to embed)
     FluidBlock(x): x = x + DA(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))

@@ -1,4 +1,4 @@
-"""Adaptive multi-scale PDE diffusion along the sequence, right after the embedding (DESIGN.md §2).
+"""Adaptive multi-scale PDE diffusion along the sequence, right after the embedding (docs/design.md §2).
 
     u^{k+1} = u^k + Σ_{s∈S} D_s(u^k) ⊙ L_s(u^k)
     causal (one-sided):  L_s(u)_t = u_{t-s} - u_t

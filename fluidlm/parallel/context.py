@@ -1,4 +1,4 @@
-"""Context parallelism (DESIGN.md §4): the sequence is split into CP contiguous, equal shards, one per
+"""Context parallelism (docs/design.md §4): the sequence is split into CP contiguous, equal shards, one per
 rank of a CP process group, and every layer that mixes tokens gets what it needs from the other shards
 with traffic that does not grow with the sequence length.
 
@@ -230,7 +230,7 @@ def exchange_halo(x: torch.Tensor, left: int, right: int, group=None, dim: int =
 def cp_differential_attention(
     q, k, v, g, *, causal=True, feature_map="sigmoid", eps=1e-6, cu_seqlens=None, chunk_size=64, group=None
 ):
-    """Differential Attention (DESIGN.md §1) over a sequence split across the CP `group`.
+    """Differential Attention (docs/design.md §1) over a sequence split across the CP `group`.
 
     q, k: (B, H, N_local, d); v: (B, H, N_local, dv); g: (B, H, N_local) ≤ 0 — this rank's contiguous
     shard [rank·N_local, (rank+1)·N_local). `cu_seqlens`: the GLOBAL document boundaries (B = 1).

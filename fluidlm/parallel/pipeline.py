@@ -1,4 +1,4 @@
-"""Pipeline parallelism with DeepSpeed's `PipelineModule` (1F1B), DESIGN.md §3–4.
+"""Pipeline parallelism with DeepSpeed's `PipelineModule` (1F1B), docs/design.md §3–4.
 
 The model as a flat list of layer specs, every layer taking and returning the tuple
 `(activations, document starts)`:

@@ -1,4 +1,4 @@
-"""Tensor parallelism with megatron-core layers (DESIGN.md §4).
+"""Tensor parallelism with megatron-core layers (docs/design.md §4).
 
 `TensorParallelLayers` is the twin of `DenseLayers`: the same methods, returning megatron-core's
 ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding (which work on CPU with gloo

@@ -1,4 +1,4 @@
-"""The parallel layout: world = PP × DP × CP × TP (DESIGN.md §4), TP fastest, then CP, DP, PP.
+"""The parallel layout: world = PP × DP × CP × TP (docs/design.md §4), TP fastest, then CP, DP, PP.
 
     layout = Layout.from_world(world_size, tp=2, pp=1, cp=1)   # pure arithmetic: checked at config time
     init_model_parallel(layout)                             # megatron-core groups + DeepSpeed's topology

@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md §5): DeepSpeed's engine state plus FluidLM's client state,
+"""Training checkpoints (docs/design.md §5): DeepSpeed's engine state plus FluidLM's client state,
 written atomically, the newest K kept.
 
 Layout of `<run_dir>/checkpoints/`:

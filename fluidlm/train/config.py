@@ -158,7 +158,7 @@ class OptimConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    """Training checkpoints (DESIGN.md §5): DeepSpeed state + client state, written atomically."""
+    """Training checkpoints (docs/design.md §5): DeepSpeed state + client state, written atomically."""
 
     every: int = Field(1000, ge=0, description="save every this many steps (0 = only at the end, at train.stop_at "
                                                "and on SIGTERM/SIGINT)")
@@ -178,7 +178,7 @@ class LoggingConfig(StrictModel):
 
 
 class ParallelConfig(StrictModel):
-    """world = PP × DP × CP × TP (DESIGN.md §4); DP is what is left of the world after TP, CP and PP."""
+    """world = PP × DP × CP × TP (docs/design.md §4); DP is what is left of the world after TP, CP and PP."""
 
     tp: int = Field(1, ge=1, description="tensor-parallel size: DA heads (with their λ and Δ rows), the FFN hidden size and "
                                          "the vocabulary are split across this many ranks (megatron-core layers); "
