@@ -27,11 +27,27 @@ def data(tmp_path_factory):
     docs = [(STDLIB / f).read_text() for f in FILES]
     tok = root / "tokenizer.model"
     train_tokenizer(docs, 400, tok)
-    # 32 shards of 62 samples: 8 lanes of 4 shards, 2 lanes per rank at DP=4
+    # 32 shards of 62 samples: 8 lanes of 4 shards, 2 lanes per rank at DP=4. The token count depends on the
+    # tokenizer (and the stdlib's text), so the last document is cut to make exactly 32 × 62 samples of 32
+    # tokens: a partial tail shard would make the loader use fewer lanes (every lane's epoch is its fewest
+    # samples), which is not what these tests are about.
+    sp, want = load_tokenizer(tok), 32 * 62
+    head = sum(len(sp.encode(d)) + 1 for d in docs[:-1])
+
+    def samples(cut):
+        return (head + len(sp.encode(docs[-1][:cut])) + 1) // 32
+
+    assert samples(len(docs[-1])) >= want and samples(0) < want, "the corpus no longer holds 32 × 62 samples"
+    lo, hi = 0, len(docs[-1])  # samples(lo) < want <= samples(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if samples(mid) < want else (lo, mid)
+    docs[-1] = docs[-1][:hi]
     a = write_shards(docs, tok, seq_len=31, out=root / "a" / "train", samples_per_shard=62, progress=False,
                      shuffle_seed=0)
     b = write_shards(docs[:3], tok, seq_len=31, out=root / "b" / "train", samples_per_shard=62, progress=False,
                      shuffle_seed=1)
+    assert [e["samples"] for e in a["shards"]] == [62] * 32
     return {"root": root, "docs": docs, "tok": tok, "a": a, "b": b}
 
 
