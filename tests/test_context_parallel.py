@@ -32,7 +32,7 @@ from fluidlm.parallel.context import (
     shard_sequence,
     window_cu_seqlens,
 )
-from fluidlm.parallel.layers import DenseLayers
+from fluidlm.model.layers import DenseLayers
 
 WORLD = 4
 N = 64
