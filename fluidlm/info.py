@@ -113,8 +113,9 @@ def collect() -> dict:
     info["cuda"] = cuda
     info["torch_cuda_build"] = torch.version.cuda
     info["device"] = torch.cuda.get_device_name(0) if cuda else None
-    backends = {name: "available" for name in available_backends() if name != "triton"}
-    backends["triton"] = triton_status(packages, cuda)
+    triton = triton_status(packages, cuda)
+    backends = {name: triton if name.startswith("triton") else "available" for name in available_backends()}
+    backends["triton"] = triton
     info["da_backends"] = backends
     info["da_auto"] = "triton" if backends["triton"].startswith("available") else "chunked"
     return info
