@@ -277,7 +277,7 @@ def plan(args: argparse.Namespace) -> list[str]:
         if args.nnodes > 1:
             raise LaunchError(f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (node rank 0's address and a "
                               "free port, the same on every node)")
-        from fluidlm.train.engine import free_port
+        from fluidlm.train.distributed import free_port
 
         endpoint = f"127.0.0.1:{free_port()}"
     host, port = parse_endpoint(endpoint)

@@ -112,7 +112,7 @@ def check_resume(resume_from, config, world: int) -> None:
     otherwise): the same model (see RESUME_MODEL_ALLOWED), the same layout (or a universal checkpoint),
     steps left to train. Shared with `fluidlm launch`."""
     from fluidlm.train.checkpoint import CheckpointError, read_meta
-    from fluidlm.train.engine import use_bf16
+    from fluidlm.train.deepspeed_setup import use_bf16
     from fluidlm.train.universal import is_universal, read_info
 
     if is_universal(resume_from):

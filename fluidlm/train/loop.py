@@ -33,8 +33,10 @@ import torch.distributed as dist
 from fluidlm.train import checkpoint as ckpt
 from fluidlm.train.checkpoint import CheckpointError, CheckpointSaveError
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (Objective, batch_to_inputs, build_engine, build_model, flops_per_token,
-                                  init_distributed, pipeline_batches, seed_everything, use_bf16)
+from fluidlm.train.batches import Objective, batch_to_inputs, flops_per_token, pipeline_batches
+from fluidlm.train.deepspeed_setup import build_engine, use_bf16
+from fluidlm.train.distributed import init_distributed, seed_everything
+from fluidlm.train.engine import build_model
 from fluidlm.train.tracking import Tracker
 from fluidlm.train.universal import is_universal, load_into_engine
 
