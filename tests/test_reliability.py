@@ -126,7 +126,7 @@ def test_changed_model_exits_2_from_the_command_line_before_any_process_group(ru
 
 
 def test_model_changes_policy():
-    from fluidlm.train.cli import model_changes
+    from fluidlm.train.checks import model_changes
 
     base = tiny_config("d", "r")["model"]
     full = {**base, "ffn_hidden": None}
