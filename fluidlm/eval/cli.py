@@ -218,7 +218,8 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, checkpoint_info,
-                                         evaluate, format_table, load_documents, load_model, plot, resolve_checkpoint)
+                                         evaluate, load_documents, load_model, resolve_checkpoint)
+    from fluidlm.eval.report import format_table, plot
 
     rank = int(os.environ.get("RANK", "0"))
     main = rank == 0

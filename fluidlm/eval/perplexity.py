@@ -46,7 +46,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,23 +189,6 @@ def load_model(info: CheckpointInfo, device: torch.device):
 
 # --- documents -----------------------------------------------------------------------------------
 
-@dataclass
-class DataInfo:
-    source: str
-    kind: str                            # "shards" or "text"
-    tokenizer_sha256: str | None
-    documents_available: int = 0         # whole documents found in the input
-    incomplete_dropped: int = 0          # documents cut by a shard boundary of the split (not whole): not scored
-    split_documents: int = 0             # documents longer than --max-doc-tokens, split into pieces of that many
-    skipped_short: int = 0               # documents (pieces) under --min-doc-tokens
-    documents: int = 0                   # documents (pieces) scored
-    tokens: int = 0                      # their tokens (EOS included)
-    notes: list = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
-
-
 def _candidate_data_dirs(config: dict, run_dir: Path | None) -> list[Path]:
     """Where the training data folder may be: absolute, relative to the cwd, or relative to the
     training's cwd (recovered from the run folder's absolute path and the config's relative one)."""
@@ -241,146 +224,22 @@ def training_tokenizer(info: CheckpointInfo) -> tuple[str | None, Path | None, s
     return None, None, f"training data {cfg['data']['dir']!r} not found"
 
 
-def _is_manifest(inputs: list[str]) -> Path | None:
-    if len(inputs) != 1:
-        return None
-    p = Path(inputs[0])
-    if p.name == "manifest.json" and p.is_file():
-        return p
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return p / "manifest.json"
-    return None
-
-
-def iter_shard_documents(manifest: dict, stats: DataInfo):
-    """Whole documents of a shard split, in order, rebuilt from the packed samples: samples are
-    consecutive slices of one stream of documents (each ids + EOS), `starts` mark where documents
-    begin. A document spanning samples (or shards) is joined back. Documents cut by the edges of
-    the split (before the first start, after the dropped tail) are not whole: dropped and counted."""
-    from fluidlm.data.shards import read_shard
-
-    eos = int(manifest.get("eos_id", 2))
-    pending: list[np.ndarray] = []
-    started = False
-    for entry in manifest["shards"]:
-        tokens, starts = read_shard(Path(manifest["root"]), entry)
-        for sample, sample_starts in zip(tokens, starts):
-            sample = sample.astype(np.int64)
-            cuts = [int(s) for s in sorted(sample_starts.tolist())]
-            prev = 0
-            for s in cuts:
-                if s > prev:
-                    pending.append(sample[prev:s])
-                if started and pending:
-                    yield np.concatenate(pending)
-                elif not started and pending:
-                    stats.incomplete_dropped += 1  # the split began mid-document
-                pending, started, prev = [], True, s
-            if prev < len(sample):
-                pending.append(sample[prev:])
-    if pending:
-        doc = np.concatenate(pending)
-        if started and doc[-1] == eos:
-            yield doc
-        else:
-            stats.incomplete_dropped += 1  # the rest was in the dropped tail
-
-
-def iter_text_documents(inputs: list[str], tokenizer_path: Path):
-    from fluidlm.data.corpus import ReadStats, iter_documents
-    from fluidlm.data.tokenizer import EOS, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    for text in iter_documents(inputs, ReadStats()):
-        yield np.asarray(tok.encode(text) + [EOS], dtype=np.int64)
-
-
 def load_documents(inputs: list[str], info: CheckpointInfo, *, tokenizer: str | None = None, max_docs: int | None = None,
                    max_tokens: int | None = None, min_doc_tokens: int = 0, max_doc_tokens: int | None = None,
                    quiet: bool = False):
-    """The documents to score (int64 arrays, EOS last) and a DataInfo. Checks the data was made
-    with the tokenizer the model was trained with (sha256), raising EvalError on a mismatch."""
+    """The documents to score (int64 arrays, EOS last) and a DataInfo (fluidlm/data/documents.py).
+    Checks the data was made with the tokenizer the model was trained with (sha256), raising
+    EvalError on a mismatch."""
     from fluidlm.data import DataError
-    from fluidlm.data.shards import load_manifest
-    from fluidlm.data.tokenizer import file_sha256
+    from fluidlm.data.documents import load_documents as read_documents
 
-    train_sha, train_tok, where = training_tokenizer(info)
-    vocab = int(info.config["model"]["vocab_size"])
-
-    def warn(msg):
-        if not quiet:
-            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-    manifest_path = _is_manifest(inputs)
     try:
-        if manifest_path is not None:
-            manifest = load_manifest(manifest_path)
-            sha = manifest.get("tokenizer_sha256")
-            data = DataInfo(source=str(manifest_path), kind="shards", tokenizer_sha256=sha)
-            if tokenizer is not None and file_sha256(tokenizer) != sha:
-                raise EvalError(f"--tokenizer {tokenizer} is not the tokenizer the shards in {manifest_path.parent} were made "
-                                "with (sha256 differs)")
-            if train_sha is None:
-                msg = f"cannot check the data's tokenizer against the model's ({where}); trusting {manifest_path}"
-                warn(msg)
-                data.notes.append(msg)
-            elif sha != train_sha:
-                raise EvalError(f"tokenizer mismatch: the shards in {manifest_path.parent} were made with tokenizer sha256 "
-                                f"{str(sha)[:12] or '(none)'}…, the model was trained with {str(train_sha)[:12] or '(none)'}… "
-                                f"({where}); build the evaluation data with the training tokenizer (`fluidlm data shards "
-                                f"--tokenizer {train_tok or '<training tokenizer.model>'}`) or pass raw text files")
-            if int(manifest.get("vocab_size", 0)) > vocab:
-                raise EvalError(f"the shards' vocabulary ({manifest['vocab_size']}) is larger than the model's ({vocab})")
-            source = iter_shard_documents(manifest, data)
-        else:
-            tok = Path(tokenizer) if tokenizer else train_tok
-            if tok is None:
-                raise EvalError(f"raw text input needs the training tokenizer, and it was not found ({where}); "
-                                "pass --tokenizer PATH/tokenizer.model")
-            sha = file_sha256(tok)
-            if train_sha is None:
-                msg = f"cannot check --tokenizer {tok} against the model's training tokenizer ({where})"
-                warn(msg)
-                data_notes = [msg]
-            elif sha != train_sha:
-                raise EvalError(f"tokenizer mismatch: {tok} (sha256 {sha[:12]}…) is not the tokenizer the model was trained "
-                                f"with ({train_sha[:12] or '(none)'}…, {where}); pass the training tokenizer with --tokenizer")
-            else:
-                data_notes = []
-            data = DataInfo(source=" ".join(inputs), kind="text", tokenizer_sha256=sha, notes=data_notes)
-            source = iter_text_documents(inputs, tok)
-        docs, full = [], False
-        for whole in source:
-            data.documents_available += 1
-            pieces = [whole]
-            if max_doc_tokens is not None and len(whole) > max_doc_tokens:
-                pieces = [whole[s:s + max_doc_tokens] for s in range(0, len(whole), max_doc_tokens)]
-                data.split_documents += 1
-            for doc in pieces:
-                if len(doc) < max(2, min_doc_tokens):
-                    data.skipped_short += 1
-                    continue
-                if max_tokens is not None and data.tokens + len(doc) > max_tokens:
-                    full = True
-                    break
-                if int(doc.max()) >= vocab:
-                    raise EvalError(f"token id {int(doc.max())} in {data.source} is outside the model's vocabulary ({vocab})")
-                docs.append(doc)
-                data.documents += 1
-                data.tokens += len(doc)
-                if max_docs is not None and data.documents >= max_docs:
-                    full = True
-                    break
-            if full:
-                break
+        return read_documents(inputs, vocab_size=int(info.config["model"]["vocab_size"]),
+                              train_tokenizer=training_tokenizer(info), tokenizer=tokenizer, max_docs=max_docs,
+                              max_tokens=max_tokens, min_doc_tokens=min_doc_tokens, max_doc_tokens=max_doc_tokens,
+                              quiet=quiet)
     except DataError as exc:
         raise EvalError(str(exc)) from None
-    if not docs:
-        hint = " (--max-tokens is smaller than the first document: add --max-doc-tokens)" if max_tokens else ""
-        hint += " (every document is under --min-doc-tokens)" if data.skipped_short else ""
-        raise EvalError(f"no whole document to evaluate in {data.source}{hint}; for shards, a split smaller than one "
-                        "document holds none: use raw text files or larger shards")
-    return docs, data
 
 
 # --- windows -------------------------------------------------------------------------------------
@@ -727,56 +586,3 @@ def assign_documents(lengths: list[int], world: int) -> list[list[int]]:
         out[r].append(d)
         load[r] += lengths[d]
     return [sorted(x) for x in out]
-
-
-# --- outputs -------------------------------------------------------------------------------------
-
-def format_table(report: dict) -> str:
-    train_len = report.get("train_seq_len")
-    lines = [f"{'context':>8} {'perplexity':>11} {'loss':>8} {'tokens':>11} {'docs':>6} {'short':>6} {'windows':>8}  note",
-             "-" * 72]
-    for r in report["results"]:
-        note = "beyond training length" if train_len and r["context_length"] > train_len else ""
-        lines.append(f"{r['context_length']:>8} {r['perplexity']:>11.3f} {r['loss']:>8.4f} {r['tokens']:>11,} "
-                     f"{r['documents']:>6} {r['short_documents']:>6} {r['windows']:>8}  {note}")
-    mode = report["mode"] + (f" (stride {report['stride'] or 'C/2'})" if report["mode"] == "sliding" else "")
-    lines.append(f"mode: {mode}; stream: {report['stream']}; training length {train_len}; model max_seq_len "
-                 f"{report['model']['max_seq_len']}")
-    m = report.get("masking")
-    if m:
-        lines.append(f"objective: masked_lm — masked-token perplexity: {m['rate']:.0%} of the non-special tokens of each "
-                     f"document (seed {m['seed']}, the same positions at every length) replaced by the mask token "
-                     f"(id {m['mask_id']}) and scored; each window sees both sides within itself")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    res = report["results"]
-    a.plot([r["context_length"] for r in res], [r["perplexity"] for r in res], "o-")
-    a.set_xscale("log", base=2)
-    a.set_xlabel("context length (tokens)")
-    a.set_ylabel("masked-token perplexity" if report.get("masking") else "perplexity")
-    a.set_title(f"perplexity vs context ({report['mode']}{', stream' if report['stream'] else ''})")
-    if report.get("train_seq_len"):
-        a.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")
-        a.legend()
-    for r in res:
-        pts = [((bk["start"] * bk["end"]) ** 0.5, bk["loss"]) for bk in r["loss_by_position"] if bk["tokens"]]
-        if pts:
-            b.plot(*zip(*pts), "o-", ms=3, label=f"ctx {r['context_length']}")
-    b.set_xscale("log", base=2)
-    b.set_xlabel("token position in window (log2 buckets)")
-    b.set_ylabel("mean loss (nats)")
-    b.set_title("loss by position")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
