@@ -217,9 +217,10 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 # --- the command -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, checkpoint_info,
-                                         evaluate, load_documents, load_model, resolve_checkpoint)
+    from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, evaluate,
+                                         load_documents, load_model, resolve_checkpoint)
     from fluidlm.eval.report import format_table, plot
+    from fluidlm.train.checkpoint_read import checkpoint_info
 
     rank = int(os.environ.get("RANK", "0"))
     main = rank == 0

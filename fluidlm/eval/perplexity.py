@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluidlm.train.checkpoint_read import CheckpointInfo
+
 
 class EvalError(ValueError):
     """Bad evaluation input (checkpoint, data, context lengths); the message names the fix."""
@@ -62,7 +64,7 @@ class EvalError(ValueError):
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step_* folder, a checkpoints/ folder, a run folder (newest complete checkpoint) or a
     universal checkpoint (`fluidlm checkpoint convert`) → the checkpoint folder."""
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
 
     path = Path(path)
     if not path.exists():
@@ -74,89 +76,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if found is None:
         raise EvalError(f"--checkpoint {path}: no complete checkpoint there")
     return found
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path
-    config: dict                # the resolved training config
-    step: int
-    mlflow_run_id: str | None
-    run_dir: Path | None        # the run folder this checkpoint lives in (None for universal ones elsewhere)
-    source: str                 # how the weights were read
-
-
-def _strip(state: dict) -> dict:
-    return {k.removeprefix("model."): v for k, v in state.items()}
-
-
-def read_checkpoint_state(path: Path) -> tuple[dict, dict, str]:
-    """(meta, dense fp32 state dict, how it was read) of a checkpoint folder. Handles plain
-    DeepSpeed checkpoints at ZeRO 0-2 (any TP/PP layout at ZeRO 1-2, through the fp32 master
-    partitions), ZeRO-3 (DeepSpeed's zero_to_fp32) and universal checkpoints."""
-    from fluidlm.train.checkpoint import CheckpointError, read_meta
-    from fluidlm.train.universal import is_universal, read_info
-
-    path = Path(path)
-    if is_universal(path):
-        info = read_info(path)
-        state = {}
-        for name in info["parameters"]:
-            try:
-                state[name] = torch.load(path / "zero" / name / "fp32.pt", map_location="cpu", weights_only=True)["param"]
-            except Exception as exc:
-                raise EvalError(f"{path}/zero/{name}/fp32.pt is unreadable ({exc})") from None
-        meta = {"step": info["step"], "mlflow_run_id": info.get("mlflow_run_id"), "config": info["config"]}
-        return meta, state, "universal checkpoint (fp32)"
-    meta = read_meta(path)
-    stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    if stage == 3:
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        except Exception as exc:
-            raise EvalError(f"{path} is a ZeRO-3 checkpoint and DeepSpeed's zero_to_fp32 could not read it "
-                            f"({type(exc).__name__}: {exc}); run DeepSpeed's zero_to_fp32.py on it, or train with "
-                            "parallel.zero_stage ≤ 2") from None
-        return meta, _strip(state), "ZeRO-3 partitions via deepspeed zero_to_fp32"
-    if tp * pp == 1:
-        file = path / "mp_rank_00_model_states.pt"
-        try:  # DeepSpeed's files are pickles: load only checkpoints you trust
-            module = torch.load(file, map_location="cpu", weights_only=False)["module"]
-        except Exception as exc:
-            raise EvalError(f"{file} is unreadable ({type(exc).__name__}: {exc})") from None
-        module = _strip(module)
-        if all(v.dtype == torch.float32 for v in module.values() if v.is_floating_point()) or stage == 0:
-            return meta, {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, \
-                "DeepSpeed module weights"
-    if stage in (1, 2) or meta.get("bf16"):  # bf16 module weights, or a TP/PP layout: glue the fp32 master partitions
-        from fluidlm.train.universal import gather_checkpoint
-
-        try:
-            meta, full, _ = gather_checkpoint(path)
-        except CheckpointError as exc:
-            raise EvalError(str(exc)) from None
-        return meta, {name: states["fp32"] for name, states in full.items()}, \
-            f"fp32 ZeRO-{stage} master partitions (tp {tp}, pp {pp})"
-    raise EvalError(f"{path} was saved with tp {tp}, pp {pp} and ZeRO stage 0: its slices cannot be glued here; "
-                    "train with parallel.zero_stage=1 (the default) to evaluate model-parallel checkpoints")
-
-
-def read_checkpoint_meta(path: Path) -> tuple[dict, str | None]:
-    """(resolved training config, MLflow run id) without touching the weights."""
-    from fluidlm.train.checkpoint import read_meta
-    from fluidlm.train.universal import is_universal, read_info
-
-    meta = read_info(path) if is_universal(path) else read_meta(path)
-    return meta, meta.get("mlflow_run_id")
-
-
-def checkpoint_info(path: Path) -> CheckpointInfo:
-    meta, run_id = read_checkpoint_meta(path)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return CheckpointInfo(path=path, config=meta["config"], step=int(meta["step"]), mlflow_run_id=run_id,
-                          run_dir=run_dir, source="")
 
 
 def shard_model(model, tp: int):
@@ -175,8 +94,12 @@ def load_model(info: CheckpointInfo, device: torch.device):
     """The dense FluidLM of a checkpoint, in eval mode on `device` (no DeepSpeed engine)."""
     from fluidlm.model import FluidLM
     from fluidlm.model.config import ModelConfig
+    from fluidlm.train.checkpoint_read import CheckpointError, read_checkpoint_state
 
-    _, state, source = read_checkpoint_state(info.path)
+    try:
+        _, state, source = read_checkpoint_state(info.path)
+    except CheckpointError as exc:
+        raise EvalError(str(exc)) from None
     info.source = source
     model = FluidLM(ModelConfig.model_validate(info.config["model"]))
     missing, unexpected = model.load_state_dict(state, strict=False)

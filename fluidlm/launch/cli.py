@@ -151,7 +151,7 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
     """The checks `fluidlm train` would make, for a world of `world` ranks, plus the data files
     and the run folder. Returns (config, the checkpoint --resume auto would load or None)."""
     from fluidlm.data import DataError
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
     from fluidlm.train.checks import check_layout, check_resume
     from fluidlm.train.config import ConfigError, load_config, preflight
 

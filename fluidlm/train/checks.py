@@ -44,7 +44,7 @@ def model_changes(saved_model: dict, model: dict) -> dict[str, tuple]:
 
 
 def check_model(resume_from, saved_model: dict, config) -> None:
-    from fluidlm.train.checkpoint import CheckpointError
+    from fluidlm.train.checkpoint_read import CheckpointError
 
     changed = model_changes(saved_model, config.to_dict()["model"])
     if changed:
@@ -61,9 +61,8 @@ def check_resume(resume_from, config, world: int) -> None:
     """Checkpoint `resume_from` can continue this config on `world` ranks (CheckpointError
     otherwise): the same model (see RESUME_MODEL_ALLOWED), the same layout (or a universal checkpoint),
     steps left to train."""
-    from fluidlm.train.checkpoint import CheckpointError, read_meta
+    from fluidlm.train.checkpoint_read import CheckpointError, is_universal, read_info, read_meta
     from fluidlm.train.deepspeed_setup import use_bf16
-    from fluidlm.train.universal import is_universal, read_info
 
     if is_universal(resume_from):
         info = read_info(resume_from)

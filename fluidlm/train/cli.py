@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no process group. Returns (config, checkpoint or None)."""
-    from fluidlm.train.checkpoint import CheckpointError, complete_checkpoints, resolve_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, complete_checkpoints, resolve_resume
     from fluidlm.train.checks import check_layout, check_resume
     from fluidlm.train.config import load_config, preflight
 
@@ -60,7 +60,7 @@ def prepare(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from fluidlm.data import DataError
-    from fluidlm.train.checkpoint import CheckpointError
+    from fluidlm.train.checkpoint_read import CheckpointError
     from fluidlm.train.config import ConfigError, dump_yaml
 
     rank = int(os.environ.get("RANK", "0"))

@@ -31,14 +31,15 @@ import torch
 import torch.distributed as dist
 
 from fluidlm.train import checkpoint as ckpt
-from fluidlm.train.checkpoint import CheckpointError, CheckpointSaveError
+from fluidlm.train.checkpoint import CheckpointSaveError
+from fluidlm.train.checkpoint_read import CheckpointError, is_universal
 from fluidlm.train.config import Config, config_diff
 from fluidlm.train.batches import Objective, batch_to_inputs, flops_per_token, pipeline_batches
 from fluidlm.train.deepspeed_setup import build_engine, use_bf16
 from fluidlm.train.distributed import init_distributed, seed_everything
 from fluidlm.train.engine import build_model
 from fluidlm.train.tracking import Tracker
-from fluidlm.train.universal import is_universal, load_into_engine
+from fluidlm.train.universal import load_into_engine
 
 EXIT_OK, EXIT_NAN = 0, 3
 
