@@ -1,9 +1,12 @@
-"""Process group start-up: the torchrun world (or a world of one), DeepSpeed's start-up patches, seeding.
+"""Process group start-up for training and evaluation: the torchrun world (or a world of one),
+its device and CPU threads, DeepSpeed's start-up patches, seeding.
 
-    dist_info = init_distributed(config)      # torchrun env, or a world of one
+    dist_info = init_distributed(config)      # training: torchrun env, or a world of one
+    rank, world, device, created = init_process_group("auto", threads=None)   # evaluation
 
-gloo on CPU, NCCL on CUDA unless parallel.backend says otherwise; with TP, PP or CP > 1 the
-model-parallel groups (megatron-core) and DeepSpeed's topology are made too.
+Training: gloo on CPU, NCCL on CUDA unless parallel.backend says otherwise, through DeepSpeed;
+with TP, PP or CP > 1 the model-parallel groups (megatron-core) and DeepSpeed's topology are made
+too. Evaluation: torch.distributed alone (no DeepSpeed), a process group only when world > 1.
 """
 
 from __future__ import annotations
@@ -72,13 +75,9 @@ def init_distributed(config: Config) -> DistInfo:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        threads = config.train.threads or max(1, (os.cpu_count() or 1) // local_world)
-        torch.set_num_threads(threads)
+    device = _device(cuda, local_rank)
+    if not cuda:
+        _set_cpu_threads(config.train.threads, local_world)
     _quiet_deepspeed()
     import deepspeed
 
@@ -94,6 +93,44 @@ def init_distributed(config: Config) -> DistInfo:
 
         topology = init_model_parallel(layout)
     return DistInfo(rank, world, local_rank, local_world, device, backend, created, layout, topology)
+
+
+def init_process_group(device_choice: str = "auto", threads: int | None = None) -> tuple[int, int, torch.device, bool]:
+    """Evaluation's start-up: (rank, world, device, created) of the torchrun world in the environment
+    (RANK, WORLD_SIZE, LOCAL_RANK; a world of one without them). `device_choice` is `fluidlm eval
+    --device` (auto: CUDA when visible); a process group (NCCL on CUDA, gloo on CPU) only when world > 1,
+    `created` when this call made it (destroy it at exit). On CPU, `threads` per process (None: the
+    cores / the local processes). No DeepSpeed, no model-parallel groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible")
+    device = _device(use_cuda, local_rank)
+    created = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            created = True
+    if device.type == "cpu":
+        _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    return rank, world, device, created
+
+
+def _device(cuda: bool, local_rank: int) -> torch.device:
+    """This process's device: CUDA device `local_rank` (made current), else the CPU."""
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _set_cpu_threads(threads: int | None, local_world: int) -> None:
+    """`threads` torch threads, or (None) this machine's cores shared among its `local_world` processes."""
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
 
 
 def _skip_deepspeed_shm_op() -> None:
