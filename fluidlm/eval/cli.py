@@ -179,8 +179,9 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 # --- the command -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, evaluate,
-                                         load_documents, load_model, resolve_checkpoint)
+    from fluidlm.eval import EvalError
+    from fluidlm.eval.inputs import load_documents, load_model, resolve_checkpoint
+    from fluidlm.eval.perplexity import EvalSpec, apply_objective, check_context_lengths, evaluate
     from fluidlm.eval.report import format_table, plot
     from fluidlm.train.checkpoint_read import checkpoint_info
 
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tp > 1:
             if args.cp > 1:
                 raise EvalError("--tp and --cp do not combine in fluidlm eval yet; use one of them")
-            from fluidlm.eval.perplexity import shard_model
+            from fluidlm.eval.inputs import shard_model
             from fluidlm.model.config import ModelConfig
             from fluidlm.parallel.topology import Layout, init_model_parallel
 

@@ -1,3 +1,4 @@
+# Over 400 lines: every section's schema with its field docs, plus the loading and preflight that check it.
 """The training run's typed configuration: one YAML file, dotted overrides, strict validation.
 
     config = load_config("configs/tiny-cpu.yaml", ["train.steps=200", "model.n_layers=4"])
