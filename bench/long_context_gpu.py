@@ -46,7 +46,7 @@ def model_config(args) -> ModelConfig:
 
 
 def flops_per_token(cfg: ModelConfig, params: int) -> float:
-    # The training loop's MFU formula (fluidlm/train/engine.py flops_per_token), chunked DA.
+    # The training loop's MFU formula (fluidlm/train/batches.py flops_per_token), chunked DA.
     return 6.0 * params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (cfg.chunk_size + cfg.head_dim)
 
 

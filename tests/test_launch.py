@@ -132,7 +132,7 @@ def _workers(agent_pids) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
 def test_sigkill_of_a_worker_restarts_the_group_from_the_last_checkpoint(setup, single_node):
-    from fluidlm.train.checkpoint import complete_checkpoints, problems
+    from fluidlm.train.checkpoint_read import complete_checkpoints, problems
 
     tmp, config = setup
     run = tmp / "runs" / "killed"

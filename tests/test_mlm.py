@@ -193,7 +193,7 @@ def test_masked_lm_loss_is_the_cross_entropy_of_the_selected_positions_only():
 
 def _objective(direction: str, objective: str):
     from fluidlm.train.config import build_config
-    from fluidlm.train.engine import Objective
+    from fluidlm.train.batches import Objective
 
     cfg = tiny_config(Path("unused"), Path("unused"), model={"direction": direction, "vocab_size": 64},
                       train={"objective": objective})
@@ -218,7 +218,7 @@ def target_visibility(model, objective, batch, max_positions: int = 12) -> tuple
     whose input does not already hold the answer, change the token the target was taken from in
     the RAW batch, rebuild the inputs the same way (same step, same micro-batch: same masks) and
     measure how much the logits at p move. Returns (largest change, positions checked)."""
-    from fluidlm.train.engine import batch_to_inputs
+    from fluidlm.train.batches import batch_to_inputs
 
     cpu = torch.device("cpu")
     inputs, targets, cu = batch_to_inputs(batch, cpu, objective=objective, step=3, micro=1)

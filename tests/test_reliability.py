@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
 
 
 def _incomplete(ck: Path) -> list[str]:
-    from fluidlm.train.checkpoint import TAG_RE, problems
+    from fluidlm.train.checkpoint_read import TAG_RE, problems
 
     return sorted(p.name for p in ck.iterdir() if (TAG_RE.match(p.name) and problems(p))
                   or p.name.startswith((".tmp-", ".old-", ".trash-")))
@@ -126,7 +126,7 @@ def test_changed_model_exits_2_from_the_command_line_before_any_process_group(ru
 
 
 def test_model_changes_policy():
-    from fluidlm.train.cli import model_changes
+    from fluidlm.train.checks import model_changes
 
     base = tiny_config("d", "r")["model"]
     full = {**base, "ffn_hidden": None}
@@ -237,7 +237,7 @@ def test_interrupted_resave_keeps_a_complete_checkpoint_and_auto_resume_falls_ba
 
 
 def test_stale_latest_falls_back_or_explains(tmp_path):
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
 
     def fake(step):  # complete as far as `problems` looks (world 1, ZeRO 0, fp32)
         folder = tmp_path / f"step_{step:08d}"
@@ -375,7 +375,7 @@ def _runner(jobs_path: Path, out_path: Path) -> None:
     from fluidlm.data import DataError
     from fluidlm.train import checkpoint as ckpt
     from fluidlm.train import loop
-    from fluidlm.train.checkpoint import CheckpointError
+    from fluidlm.train.checkpoint_read import CheckpointError
     from fluidlm.train.cli import prepare
     from fluidlm.train.config import ConfigError
 

@@ -135,7 +135,7 @@ def test_print_config(tmp_path, data, capsys):
 def test_param_groups_and_schedule():
     from fluidlm.model import FluidLM
     from fluidlm.train.config import build_config
-    from fluidlm.train.engine import lr_factor, param_groups
+    from fluidlm.train.optim import lr_factor, param_groups
 
     config = build_config(tiny_config("unused", "unused", train={"steps": 100}, optim={"warmup_steps": 10, "lr": 1e-3,
                                                                                        "min_lr_ratio": 0.1}))

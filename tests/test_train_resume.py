@@ -93,7 +93,8 @@ def test_bf16_checkpoints_resume_exactly_and_convert(runs, tmp_path):
     final = runs["runs"] / "bf16" / "checkpoints" / "step_00000008"
     assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt" in os.listdir(final)
     assert losses(runs["runs"] / "bf16") == losses(runs["runs"] / "bf16_straight")
-    from fluidlm.train.universal import convert, read_info
+    from fluidlm.train.checkpoint_read import read_info
+    from fluidlm.train.universal import convert
 
     info = read_info(convert(final, tmp_path / "universal"))
     assert info["step"] == 8 and "embed.weight" in info["parameters"]
@@ -154,7 +155,7 @@ def test_unreachable_mlflow_server_warns_once_and_training_finishes(runs):
 def test_missing_or_corrupt_checkpoint_gives_a_clear_error(runs, tmp_path):
     import shutil
 
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
 
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)

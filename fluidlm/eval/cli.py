@@ -97,45 +97,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-# --- distributed -----------------------------------------------------------------------------------
-
-def _init_distributed(device_choice: str):
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is visible")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    created = False
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-            created = True
-    return rank, world, device, created
-
-
 # --- MLflow ------------------------------------------------------------------------------------------
-
-def _tracking_uri(args, info) -> str:
-    if args.tracking_uri:
-        return args.tracking_uri
-    cfg_uri = info.config.get("logging", {}).get("tracking_uri")
-    if cfg_uri:
-        return cfg_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    base = info.run_dir.resolve().parent if info.run_dir is not None else Path.cwd()
-    return f"sqlite:///{base / 'mlflow.db'}"
-
 
 def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
     """Log the evaluation to MLflow: an eval run in the training run's experiment, tagged with
@@ -217,8 +179,11 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 # --- the command -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from fluidlm.eval.perplexity import (EvalError, EvalSpec, apply_objective, check_context_lengths, checkpoint_info,
-                                         evaluate, format_table, load_documents, load_model, plot, resolve_checkpoint)
+    from fluidlm.eval import EvalError
+    from fluidlm.eval.inputs import load_documents, load_model, resolve_checkpoint
+    from fluidlm.eval.perplexity import EvalSpec, apply_objective, check_context_lengths, evaluate
+    from fluidlm.eval.report import format_table, plot
+    from fluidlm.train.checkpoint_read import checkpoint_info
 
     rank = int(os.environ.get("RANK", "0"))
     main = rank == 0
@@ -238,13 +203,10 @@ def run(args: argparse.Namespace) -> int:
         docs, data = load_documents(args.data, info, tokenizer=args.tokenizer, max_docs=args.max_docs,
                                     max_tokens=args.max_tokens, min_doc_tokens=args.min_doc_tokens,
                                     max_doc_tokens=args.max_doc_tokens, quiet=not main)
-        rank, world, device, created = _init_distributed(args.device)
-        main = rank == 0
-        import torch
+        from fluidlm.train.distributed import init_process_group
 
-        if device.type == "cpu":
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
+        rank, world, device, created = init_process_group(args.device, threads=args.threads)
+        main = rank == 0
         model = load_model(info, device)
         if args.cp > 1 and (args.stream or world % args.cp or info.config["model"]["attention"] != "da"):
             raise EvalError(f"--cp {args.cp} needs a DA model, no --stream, and a number of processes it divides "
@@ -252,13 +214,13 @@ def run(args: argparse.Namespace) -> int:
         if args.tp > 1:
             if args.cp > 1:
                 raise EvalError("--tp and --cp do not combine in fluidlm eval yet; use one of them")
-            from fluidlm.eval.perplexity import shard_model
             from fluidlm.model.config import ModelConfig
+            from fluidlm.parallel.parallelize import tensor_parallel
             from fluidlm.parallel.topology import Layout, init_model_parallel
 
             ModelConfig.model_validate(info.config["model"]).check_tensor_parallel(args.tp)
             init_model_parallel(Layout.from_world(world, tp=args.tp))
-            model = shard_model(model, args.tp)
+            model = tensor_parallel(model).eval()
     except (EvalError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -302,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"WARNING: plot failed ({type(exc).__name__}: {exc})", file=sys.stderr)
         print(format_table(report), flush=True)
         if args.mlflow:
-            report["mlflow_eval_run_id"] = log_mlflow(report, files, _tracking_uri(args, info), info)
+            from fluidlm.train.tracking import resolve_tracking_uri
+
+            uri = args.tracking_uri or resolve_tracking_uri(info.config.get("logging", {}).get("tracking_uri"), info.run_dir)
+            report["mlflow_eval_run_id"] = log_mlflow(report, files, uri, info)
             out.write_text(json.dumps(report, indent=2))
         print(f"results: {out}" + (f", {files[1]}" if len(files) > 1 else ""), flush=True)
     if world > 1 and created:

@@ -1,7 +1,12 @@
+# Over 400 lines: the definitions below are the contract of every reported number and stay with the scorer.
 """Long-context perplexity (docs/design.md §7): the same held-out documents scored at several context
 lengths, windowing stated, loss by token position, streaming for DA, data parallel.
 
-    model, info = load_checkpoint(resolve_checkpoint("runs/demo"))
+    from fluidlm.eval.inputs import load_documents, load_model, resolve_checkpoint
+    from fluidlm.train.checkpoint_read import checkpoint_info
+
+    info = checkpoint_info(resolve_checkpoint("runs/demo"))
+    model = load_model(info, torch.device("cpu"))
     docs, data_info = load_documents(["data/default/val/manifest.json"], info)
     result = evaluate(model, docs, EvalSpec(context_lengths=[256, 1024], mode="disjoint"))
 
@@ -42,345 +47,15 @@ similar work); the NLL sums are all-reduced in float64 (gloo on CPU, NCCL on CUD
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-class EvalError(ValueError):
-    """Bad evaluation input (checkpoint, data, context lengths); the message names the fix."""
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step_* folder, a checkpoints/ folder, a run folder (newest complete checkpoint) or a
-    universal checkpoint (`fluidlm checkpoint convert`) → the checkpoint folder."""
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
-
-    path = Path(path)
-    if not path.exists():
-        raise EvalError(f"--checkpoint {path}: no such file or folder")
-    try:
-        found = resolve_resume(str(path), path / "checkpoints")
-    except CheckpointError as exc:
-        raise EvalError(str(exc).replace("--resume", "--checkpoint")) from None
-    if found is None:
-        raise EvalError(f"--checkpoint {path}: no complete checkpoint there")
-    return found
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path
-    config: dict                # the resolved training config
-    step: int
-    mlflow_run_id: str | None
-    run_dir: Path | None        # the run folder this checkpoint lives in (None for universal ones elsewhere)
-    source: str                 # how the weights were read
-
-
-def _strip(state: dict) -> dict:
-    return {k.removeprefix("model."): v for k, v in state.items()}
-
-
-def read_checkpoint_state(path: Path) -> tuple[dict, dict, str]:
-    """(meta, dense fp32 state dict, how it was read) of a checkpoint folder. Handles plain
-    DeepSpeed checkpoints at ZeRO 0-2 (any TP/PP layout at ZeRO 1-2, through the fp32 master
-    partitions), ZeRO-3 (DeepSpeed's zero_to_fp32) and universal checkpoints."""
-    from fluidlm.train.checkpoint import CheckpointError, read_meta
-    from fluidlm.train.universal import is_universal, read_info
-
-    path = Path(path)
-    if is_universal(path):
-        info = read_info(path)
-        state = {}
-        for name in info["parameters"]:
-            try:
-                state[name] = torch.load(path / "zero" / name / "fp32.pt", map_location="cpu", weights_only=True)["param"]
-            except Exception as exc:
-                raise EvalError(f"{path}/zero/{name}/fp32.pt is unreadable ({exc})") from None
-        meta = {"step": info["step"], "mlflow_run_id": info.get("mlflow_run_id"), "config": info["config"]}
-        return meta, state, "universal checkpoint (fp32)"
-    meta = read_meta(path)
-    stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    if stage == 3:
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        except Exception as exc:
-            raise EvalError(f"{path} is a ZeRO-3 checkpoint and DeepSpeed's zero_to_fp32 could not read it "
-                            f"({type(exc).__name__}: {exc}); run DeepSpeed's zero_to_fp32.py on it, or train with "
-                            "parallel.zero_stage ≤ 2") from None
-        return meta, _strip(state), "ZeRO-3 partitions via deepspeed zero_to_fp32"
-    if tp * pp == 1:
-        file = path / "mp_rank_00_model_states.pt"
-        try:  # DeepSpeed's files are pickles: load only checkpoints you trust
-            module = torch.load(file, map_location="cpu", weights_only=False)["module"]
-        except Exception as exc:
-            raise EvalError(f"{file} is unreadable ({type(exc).__name__}: {exc})") from None
-        module = _strip(module)
-        if all(v.dtype == torch.float32 for v in module.values() if v.is_floating_point()) or stage == 0:
-            return meta, {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, \
-                "DeepSpeed module weights"
-    if stage in (1, 2) or meta.get("bf16"):  # bf16 module weights, or a TP/PP layout: glue the fp32 master partitions
-        from fluidlm.train.universal import gather_checkpoint
-
-        try:
-            meta, full, _ = gather_checkpoint(path)
-        except CheckpointError as exc:
-            raise EvalError(str(exc)) from None
-        return meta, {name: states["fp32"] for name, states in full.items()}, \
-            f"fp32 ZeRO-{stage} master partitions (tp {tp}, pp {pp})"
-    raise EvalError(f"{path} was saved with tp {tp}, pp {pp} and ZeRO stage 0: its slices cannot be glued here; "
-                    "train with parallel.zero_stage=1 (the default) to evaluate model-parallel checkpoints")
-
-
-def read_checkpoint_meta(path: Path) -> tuple[dict, str | None]:
-    """(resolved training config, MLflow run id) without touching the weights."""
-    from fluidlm.train.checkpoint import read_meta
-    from fluidlm.train.universal import is_universal, read_info
-
-    meta = read_info(path) if is_universal(path) else read_meta(path)
-    return meta, meta.get("mlflow_run_id")
-
-
-def checkpoint_info(path: Path) -> CheckpointInfo:
-    meta, run_id = read_checkpoint_meta(path)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return CheckpointInfo(path=path, config=meta["config"], step=int(meta["step"]), mlflow_run_id=run_id,
-                          run_dir=run_dir, source="")
-
-
-def shard_model(model, tp: int):
-    """The TP = `tp` version of a dense FluidLM (megatron-core's groups must exist): this rank's
-    heads, FFN units and vocabulary rows, cut from the dense weights."""
-    from fluidlm.model import FluidLM
-    from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
-
-    layers = TensorParallelLayers()
-    sharded = FluidLM(model.config, layers).to(next(model.parameters()).device)
-    sharded.load_state_dict(shard_state_dict(model.state_dict(), sharded, layers.tp_rank, layers.tp_size), strict=False)
-    return sharded.eval()
-
-
-def load_model(info: CheckpointInfo, device: torch.device):
-    """The dense FluidLM of a checkpoint, in eval mode on `device` (no DeepSpeed engine)."""
-    from fluidlm.model import FluidLM
-    from fluidlm.model.config import ModelConfig
-
-    _, state, source = read_checkpoint_state(info.path)
-    info.source = source
-    model = FluidLM(ModelConfig.model_validate(info.config["model"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise EvalError(f"{info.path}: the weights do not fit the model in its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    return model.to(device).eval()
-
-
-# --- documents -----------------------------------------------------------------------------------
-
-@dataclass
-class DataInfo:
-    source: str
-    kind: str                            # "shards" or "text"
-    tokenizer_sha256: str | None
-    documents_available: int = 0         # whole documents found in the input
-    incomplete_dropped: int = 0          # documents cut by a shard boundary of the split (not whole): not scored
-    split_documents: int = 0             # documents longer than --max-doc-tokens, split into pieces of that many
-    skipped_short: int = 0               # documents (pieces) under --min-doc-tokens
-    documents: int = 0                   # documents (pieces) scored
-    tokens: int = 0                      # their tokens (EOS included)
-    notes: list = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
-
-
-def _candidate_data_dirs(config: dict, run_dir: Path | None) -> list[Path]:
-    """Where the training data folder may be: absolute, relative to the cwd, or relative to the
-    training's cwd (recovered from the run folder's absolute path and the config's relative one)."""
-    data_dir = Path(config["data"]["dir"])
-    if data_dir.is_absolute():
-        return [data_dir]
-    out = [Path.cwd() / data_dir]
-    rel_run = Path(config["train"]["run_dir"])
-    if run_dir is not None and not rel_run.is_absolute():
-        absolute = run_dir.resolve()
-        parts = rel_run.parts
-        if len(absolute.parts) > len(parts) and absolute.parts[-len(parts):] == parts:
-            out.append(Path(*absolute.parts[:-len(parts)]) / data_dir)
-    return out
-
-
-def training_tokenizer(info: CheckpointInfo) -> tuple[str | None, Path | None, str]:
-    """(sha256, tokenizer file, where found) of the tokenizer the model was trained with, from the
-    training data's manifest. (None, None, why) when the training data cannot be found."""
-    cfg = info.config
-    split = cfg["data"].get("train_split", "train")
-    for data_dir in _candidate_data_dirs(cfg, info.run_dir):
-        manifest = data_dir / split / "manifest.json"
-        if manifest.is_file():
-            try:
-                m = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                continue
-            tok = Path(m["tokenizer"]) if m.get("tokenizer") else None
-            if tok is None or not tok.is_file():
-                tok = data_dir / "tokenizer.model" if (data_dir / "tokenizer.model").is_file() else None
-            return m.get("tokenizer_sha256"), tok, str(manifest)
-    return None, None, f"training data {cfg['data']['dir']!r} not found"
-
-
-def _is_manifest(inputs: list[str]) -> Path | None:
-    if len(inputs) != 1:
-        return None
-    p = Path(inputs[0])
-    if p.name == "manifest.json" and p.is_file():
-        return p
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return p / "manifest.json"
-    return None
-
-
-def iter_shard_documents(manifest: dict, stats: DataInfo):
-    """Whole documents of a shard split, in order, rebuilt from the packed samples: samples are
-    consecutive slices of one stream of documents (each ids + EOS), `starts` mark where documents
-    begin. A document spanning samples (or shards) is joined back. Documents cut by the edges of
-    the split (before the first start, after the dropped tail) are not whole: dropped and counted."""
-    from fluidlm.data.shards import read_shard
-
-    eos = int(manifest.get("eos_id", 2))
-    pending: list[np.ndarray] = []
-    started = False
-    for entry in manifest["shards"]:
-        tokens, starts = read_shard(Path(manifest["root"]), entry)
-        for sample, sample_starts in zip(tokens, starts):
-            sample = sample.astype(np.int64)
-            cuts = [int(s) for s in sorted(sample_starts.tolist())]
-            prev = 0
-            for s in cuts:
-                if s > prev:
-                    pending.append(sample[prev:s])
-                if started and pending:
-                    yield np.concatenate(pending)
-                elif not started and pending:
-                    stats.incomplete_dropped += 1  # the split began mid-document
-                pending, started, prev = [], True, s
-            if prev < len(sample):
-                pending.append(sample[prev:])
-    if pending:
-        doc = np.concatenate(pending)
-        if started and doc[-1] == eos:
-            yield doc
-        else:
-            stats.incomplete_dropped += 1  # the rest was in the dropped tail
-
-
-def iter_text_documents(inputs: list[str], tokenizer_path: Path):
-    from fluidlm.data.corpus import ReadStats, iter_documents
-    from fluidlm.data.tokenizer import EOS, load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    for text in iter_documents(inputs, ReadStats()):
-        yield np.asarray(tok.encode(text) + [EOS], dtype=np.int64)
-
-
-def load_documents(inputs: list[str], info: CheckpointInfo, *, tokenizer: str | None = None, max_docs: int | None = None,
-                   max_tokens: int | None = None, min_doc_tokens: int = 0, max_doc_tokens: int | None = None,
-                   quiet: bool = False):
-    """The documents to score (int64 arrays, EOS last) and a DataInfo. Checks the data was made
-    with the tokenizer the model was trained with (sha256), raising EvalError on a mismatch."""
-    from fluidlm.data import DataError
-    from fluidlm.data.shards import load_manifest
-    from fluidlm.data.tokenizer import file_sha256
-
-    train_sha, train_tok, where = training_tokenizer(info)
-    vocab = int(info.config["model"]["vocab_size"])
-
-    def warn(msg):
-        if not quiet:
-            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-    manifest_path = _is_manifest(inputs)
-    try:
-        if manifest_path is not None:
-            manifest = load_manifest(manifest_path)
-            sha = manifest.get("tokenizer_sha256")
-            data = DataInfo(source=str(manifest_path), kind="shards", tokenizer_sha256=sha)
-            if tokenizer is not None and file_sha256(tokenizer) != sha:
-                raise EvalError(f"--tokenizer {tokenizer} is not the tokenizer the shards in {manifest_path.parent} were made "
-                                "with (sha256 differs)")
-            if train_sha is None:
-                msg = f"cannot check the data's tokenizer against the model's ({where}); trusting {manifest_path}"
-                warn(msg)
-                data.notes.append(msg)
-            elif sha != train_sha:
-                raise EvalError(f"tokenizer mismatch: the shards in {manifest_path.parent} were made with tokenizer sha256 "
-                                f"{str(sha)[:12] or '(none)'}…, the model was trained with {str(train_sha)[:12] or '(none)'}… "
-                                f"({where}); build the evaluation data with the training tokenizer (`fluidlm data shards "
-                                f"--tokenizer {train_tok or '<training tokenizer.model>'}`) or pass raw text files")
-            if int(manifest.get("vocab_size", 0)) > vocab:
-                raise EvalError(f"the shards' vocabulary ({manifest['vocab_size']}) is larger than the model's ({vocab})")
-            source = iter_shard_documents(manifest, data)
-        else:
-            tok = Path(tokenizer) if tokenizer else train_tok
-            if tok is None:
-                raise EvalError(f"raw text input needs the training tokenizer, and it was not found ({where}); "
-                                "pass --tokenizer PATH/tokenizer.model")
-            sha = file_sha256(tok)
-            if train_sha is None:
-                msg = f"cannot check --tokenizer {tok} against the model's training tokenizer ({where})"
-                warn(msg)
-                data_notes = [msg]
-            elif sha != train_sha:
-                raise EvalError(f"tokenizer mismatch: {tok} (sha256 {sha[:12]}…) is not the tokenizer the model was trained "
-                                f"with ({train_sha[:12] or '(none)'}…, {where}); pass the training tokenizer with --tokenizer")
-            else:
-                data_notes = []
-            data = DataInfo(source=" ".join(inputs), kind="text", tokenizer_sha256=sha, notes=data_notes)
-            source = iter_text_documents(inputs, tok)
-        docs, full = [], False
-        for whole in source:
-            data.documents_available += 1
-            pieces = [whole]
-            if max_doc_tokens is not None and len(whole) > max_doc_tokens:
-                pieces = [whole[s:s + max_doc_tokens] for s in range(0, len(whole), max_doc_tokens)]
-                data.split_documents += 1
-            for doc in pieces:
-                if len(doc) < max(2, min_doc_tokens):
-                    data.skipped_short += 1
-                    continue
-                if max_tokens is not None and data.tokens + len(doc) > max_tokens:
-                    full = True
-                    break
-                if int(doc.max()) >= vocab:
-                    raise EvalError(f"token id {int(doc.max())} in {data.source} is outside the model's vocabulary ({vocab})")
-                docs.append(doc)
-                data.documents += 1
-                data.tokens += len(doc)
-                if max_docs is not None and data.documents >= max_docs:
-                    full = True
-                    break
-            if full:
-                break
-    except DataError as exc:
-        raise EvalError(str(exc)) from None
-    if not docs:
-        hint = " (--max-tokens is smaller than the first document: add --max-doc-tokens)" if max_tokens else ""
-        hint += " (every document is under --min-doc-tokens)" if data.skipped_short else ""
-        raise EvalError(f"no whole document to evaluate in {data.source}{hint}; for shards, a split smaller than one "
-                        "document holds none: use raw text files or larger shards")
-    return docs, data
+from fluidlm.eval import EvalError
 
 
 # --- windows -------------------------------------------------------------------------------------
@@ -604,11 +279,11 @@ def evaluate(model, docs: list[np.ndarray], spec: EvalSpec, *, rank: int = 0, wo
             raise EvalError(f"--cp {spec.cp} does not divide the world size {world}")
         import torch.distributed as dist
 
-        from fluidlm.parallel.context import apply_context_parallel
+        from fluidlm.parallel.parallelize import context_parallel
 
         groups = [dist.new_group(list(range(g, g + spec.cp))) for g in range(0, world, spec.cp)]
         cp = (groups[rank // spec.cp], spec.cp, rank % spec.cp)
-        apply_context_parallel(model, cp[0])
+        context_parallel(model, cp[0])
         rank, world = rank // spec.cp, world // spec.cp
     tp_rank = 0
     if spec.tp > 1:  # the TP group scores the same windows; rank `tp_rank == 0` reports them
@@ -727,56 +402,3 @@ def assign_documents(lengths: list[int], world: int) -> list[list[int]]:
         out[r].append(d)
         load[r] += lengths[d]
     return [sorted(x) for x in out]
-
-
-# --- outputs -------------------------------------------------------------------------------------
-
-def format_table(report: dict) -> str:
-    train_len = report.get("train_seq_len")
-    lines = [f"{'context':>8} {'perplexity':>11} {'loss':>8} {'tokens':>11} {'docs':>6} {'short':>6} {'windows':>8}  note",
-             "-" * 72]
-    for r in report["results"]:
-        note = "beyond training length" if train_len and r["context_length"] > train_len else ""
-        lines.append(f"{r['context_length']:>8} {r['perplexity']:>11.3f} {r['loss']:>8.4f} {r['tokens']:>11,} "
-                     f"{r['documents']:>6} {r['short_documents']:>6} {r['windows']:>8}  {note}")
-    mode = report["mode"] + (f" (stride {report['stride'] or 'C/2'})" if report["mode"] == "sliding" else "")
-    lines.append(f"mode: {mode}; stream: {report['stream']}; training length {train_len}; model max_seq_len "
-                 f"{report['model']['max_seq_len']}")
-    m = report.get("masking")
-    if m:
-        lines.append(f"objective: masked_lm — masked-token perplexity: {m['rate']:.0%} of the non-special tokens of each "
-                     f"document (seed {m['seed']}, the same positions at every length) replaced by the mask token "
-                     f"(id {m['mask_id']}) and scored; each window sees both sides within itself")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    res = report["results"]
-    a.plot([r["context_length"] for r in res], [r["perplexity"] for r in res], "o-")
-    a.set_xscale("log", base=2)
-    a.set_xlabel("context length (tokens)")
-    a.set_ylabel("masked-token perplexity" if report.get("masking") else "perplexity")
-    a.set_title(f"perplexity vs context ({report['mode']}{', stream' if report['stream'] else ''})")
-    if report.get("train_seq_len"):
-        a.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")
-        a.legend()
-    for r in res:
-        pts = [((bk["start"] * bk["end"]) ** 0.5, bk["loss"]) for bk in r["loss_by_position"] if bk["tokens"]]
-        if pts:
-            b.plot(*zip(*pts), "o-", ms=3, label=f"ctx {r['context_length']}")
-    b.set_xscale("log", base=2)
-    b.set_xlabel("token position in window (log2 buckets)")
-    b.set_ylabel("mean loss (nats)")
-    b.set_title("loss by position")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -151,8 +151,8 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
     """The checks `fluidlm train` would make, for a world of `world` ranks, plus the data files
     and the run folder. Returns (config, the checkpoint --resume auto would load or None)."""
     from fluidlm.data import DataError
-    from fluidlm.train.checkpoint import CheckpointError, resolve_resume
-    from fluidlm.train.cli import check_layout, check_resume
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
+    from fluidlm.train.checks import check_layout, check_resume
     from fluidlm.train.config import ConfigError, load_config, preflight
 
     try:
@@ -277,7 +277,7 @@ def plan(args: argparse.Namespace) -> list[str]:
         if args.nnodes > 1:
             raise LaunchError(f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (node rank 0's address and a "
                               "free port, the same on every node)")
-        from fluidlm.train.engine import free_port
+        from fluidlm.train.distributed import free_port
 
         endpoint = f"127.0.0.1:{free_port()}"
     host, port = parse_endpoint(endpoint)

@@ -39,7 +39,7 @@ def parallelize(model: FluidLM, layout: Layout, train, topology=None) -> nn.Modu
         from megatron.core import parallel_state as ps
 
         cp_group = ps.get_context_parallel_group()
-        apply_context_parallel(model, cp_group)
+        context_parallel(model, cp_group)
     model.activation_checkpointing = train.activation_checkpointing
     if layout.pp > 1:
         from fluidlm.parallel.pipeline import pipeline_module
@@ -47,6 +47,13 @@ def parallelize(model: FluidLM, layout: Layout, train, topology=None) -> nn.Modu
         return pipeline_module(model, topology, chunk_tokens=train.loss_chunk_tokens,
                                activation_checkpointing=train.activation_checkpointing)
     return LossModule(model, train.loss_chunk_tokens, cp_group)
+
+
+def context_parallel(model: FluidLM, group) -> FluidLM:
+    """CP on `model` in place (what `parallelize` does for layout.cp > 1; eval's --cp): it then runs
+    on this rank's shard of every sequence, given the GLOBAL cu_seqlens."""
+    apply_context_parallel(model, group)
+    return model
 
 
 def tensor_parallel(model: FluidLM) -> FluidLM:

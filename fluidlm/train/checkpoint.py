@@ -36,6 +36,10 @@ raises CheckpointSaveError naming the folder, the space needed and the space fre
 
 Security: DeepSpeed's own files are pickles (`torch.load(weights_only=False)` inside DeepSpeed):
 load only checkpoints you trust. FluidLM's own client state is JSON and weights_only tensors.
+
+Finding checkpoints (complete or not, the newest, what --resume names) and reading them without an
+engine (metadata, dense weights) is fluidlm/train/checkpoint_read.py, shared with `fluidlm eval` and
+`fluidlm checkpoint convert`.
 """
 
 from __future__ import annotations
@@ -44,23 +48,18 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-TAG_RE = re.compile(r"^step_(\d{8,})$")
-CLIENT_JSON = "client_state.json"
+from fluidlm.train.checkpoint_read import (CLIENT_JSON, TAG_RE, CheckpointError, _log, complete_checkpoints, problems,
+                                           read_meta)
+
 FORMAT_VERSION = 1
 FULL_BYTES = 16 * 2**20  # less free than this after a failed write: call the disk full
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit this run."""
 
 
 class CheckpointSaveError(CheckpointError):
@@ -102,99 +101,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- finding checkpoints ---------------------------------------------------------------------
-
-def problems(path: Path) -> list[str]:
-    """What is missing or unreadable in checkpoint folder `path` ([] = complete)."""
-    path = Path(path)
-    if not path.is_dir():
-        return [f"{path} is not a folder"]
-    try:
-        meta = json.loads((path / CLIENT_JSON).read_text())
-        world = int(meta["world_size"])
-    except FileNotFoundError:
-        return [f"{CLIENT_JSON} is missing (the save did not finish)"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{CLIENT_JSON} is unreadable ({exc})"]
-    stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    dp, mp = world // (tp * pp), tp * pp
-    # DeepSpeed's names: one model-states file per model-parallel rank (TP × PP; ZeRO-3: per DP rank
-    # too), one optimizer shard per (DP rank, model-parallel rank); pipeline weights sit in layer_* files.
-    if stage == 3:
-        expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(mp)]
-    else:
-        expected = [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
-    if stage > 0 or meta.get("bf16"):  # bf16 always trains through a partitioned (BF16_Optimizer/ZeRO) optimizer
-        expected += [optim_file(meta, d, m) for d in range(dp) for m in range(mp)]
-    expected += [f"client/rank_{r:05d}.pt" for r in range(world)]
-    missing = [name for name in expected if not (path / name).is_file()]
-    return [f"missing {m}" for m in missing]
-
-
-def optim_file(meta: dict, dp_rank: int, mp_rank: int) -> str:
-    """DeepSpeed's name for the optimizer partition of (data rank, model-parallel rank); bf16 runs
-    get a `bf16_` prefix."""
-    return f"{'bf16_' if meta.get('bf16') else ''}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
-    if not Path(ckpt_dir).is_dir():
-        return []
-    found = [p for p in Path(ckpt_dir).iterdir() if TAG_RE.match(p.name) and p.is_dir()]
-    return sorted((p for p in found if not problems(p)), key=lambda p: int(TAG_RE.match(p.name).group(1)))
-
-
-def latest(ckpt_dir: Path) -> Path | None:
-    """The checkpoint `latest` names; when there is no pointer, the newest complete one; None if none."""
-    ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / "latest"
-    done = complete_checkpoints(ckpt_dir)
-    if pointer.is_file():
-        target = ckpt_dir / pointer.read_text().strip()
-        issues = problems(target)
-        if not issues:
-            return target
-        if not done:
-            raise CheckpointError(f"{pointer} names {target.name}, which is not a complete checkpoint ({'; '.join(issues)}), "
-                                  f"and {ckpt_dir} holds no complete checkpoint; pass --resume PATH with a checkpoint "
-                                  "from elsewhere, or choose another train.run_dir to start fresh")
-        _log(f"WARNING: {pointer} names {target.name}, which is not a complete checkpoint ({'; '.join(issues)}); "
-             f"using the newest complete one, {done[-1].name}")
-    return done[-1] if done else None
-
-
-def resolve_resume(resume: str | None, ckpt_dir: Path, argument: str = "--resume") -> Path | None:
-    """--resume auto → newest complete checkpoint of this run (None: start fresh); --resume PATH →
-    that checkpoint (a step_* folder, a checkpoints/ folder or a run folder). Raises CheckpointError,
-    whose message names `argument` (the option or argument that gave `resume`)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest(ckpt_dir)
-    path = Path(resume)
-    if not path.exists():
-        raise CheckpointError(f"{argument} {resume}: no such checkpoint")
-    if (path / "universal.json").is_file():  # made by `fluidlm checkpoint convert` (fluidlm/train/universal.py)
-        return path
-    if (path / CLIENT_JSON).exists() or TAG_RE.match(path.name) or path.name.startswith(".tmp-"):
-        issues = problems(path)
-        if issues:
-            raise CheckpointError(f"{argument} {resume}: not a complete checkpoint ({'; '.join(issues)})")
-        return path
-    for folder in (path, path / "checkpoints"):
-        if (folder / "latest").is_file() or complete_checkpoints(folder):
-            found = latest(folder)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{argument} {resume}: no checkpoint there (expected a step_* folder, a checkpoints/ folder "
-                          "or a run folder holding one)")
-
-
-def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / CLIENT_JSON).read_text())
 
 
 # --- saving and loading ----------------------------------------------------------------------
@@ -402,11 +308,6 @@ def _human(n: float) -> str:
 def _latest_name(ckpt_dir: Path) -> str:
     pointer = Path(ckpt_dir) / "latest"
     return pointer.read_text().strip() if pointer.is_file() else "nothing (no checkpoint yet)"
-
-
-def _log(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # prepare() runs on every rank; one copy is enough
-        print(message, file=sys.stderr, flush=True)
 
 
 def load(engine, path: Path) -> tuple[dict, dict]:

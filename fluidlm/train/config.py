@@ -1,3 +1,4 @@
+# Over 400 lines: every section's schema with its field docs, plus the loading and preflight that check it.
 """The training run's typed configuration: one YAML file, dotted overrides, strict validation.
 
     config = load_config("configs/tiny-cpu.yaml", ["train.steps=200", "model.n_layers=4"])
@@ -227,7 +228,7 @@ class Config(StrictModel):
                 raise ValueError(f"parallel.cp={cp} needs model.attention='da' and parallel.pp=1 (got "
                                  f"{self.model.attention!r}, pp={self.parallel.pp})")
             row = self.train.micro_batch_size * self.data.seq_len
-            # PDE halo max(S)·K; 3 = the flow encoder's conv halo (fluidlm/parallel/context.py FLOW_HALO)
+            # PDE halo max(S)·K; 3 = the flow encoder's conv halo (FLOW_CONV_WIDTH - 1 in fluidlm/model/attention.py)
             halo = max(max(self.model.pde.scales) * self.model.pde.steps if self.model.pde.enabled else 0, 3)
             if row % cp or row // cp < halo:
                 raise ValueError(f"parallel.cp={cp}: each micro-batch row of train.micro_batch_size × data.seq_len = {row} "

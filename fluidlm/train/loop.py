@@ -1,7 +1,7 @@
 """The training loop, top to bottom:
 
     init process group → seed → model → DeepSpeed engine → loader → (resume) → MLflow →
-    for each step: grad_accum × (batch → forward → NaN check → backward → step) → log → save
+    for each step: grad_accum × (batch → forward → [last: NaN check] → backward → step) → log → save
                    (pipeline stages: one engine.train_batch runs the grad_accum micro-batches, 1F1B)
     → final save → close
 
@@ -13,7 +13,7 @@ gives the optimizer the same check), and the loop sees `engine.was_step_applied(
 stages (DeepSpeed's train_batch runs forward, backward and step in one call) the same skip keeps the
 weights of the last good step, which is then saved; a non-finite loss whose step was applied anyway
 (finite gradients) stops without saving. All ranks agree on when to stop: the stop flag and the loss
-are all-reduced together every micro-batch. A checkpoint that cannot be written (full disk) stops the
+are all-reduced together once per step (before the step's last backward). A checkpoint that cannot be written (full disk) stops the
 run with CheckpointSaveError (exit code 4, see fluidlm/train/checkpoint.py).
 """
 
@@ -31,12 +31,14 @@ import torch
 import torch.distributed as dist
 
 from fluidlm.train import checkpoint as ckpt
-from fluidlm.train.checkpoint import CheckpointError, CheckpointSaveError
+from fluidlm.train.checkpoint import CheckpointSaveError
+from fluidlm.train.checkpoint_read import CheckpointError, is_universal
+from fluidlm.train.batches import Objective, batch_to_inputs, flops_per_token, pipeline_batches
 from fluidlm.train.config import Config, config_diff
-from fluidlm.train.engine import (Objective, batch_to_inputs, build_engine, build_model, flops_per_token,
-                                  init_distributed, pipeline_batches, seed_everything, use_bf16)
+from fluidlm.train.deepspeed_setup import build_engine, build_model, use_bf16
+from fluidlm.train.distributed import init_distributed, seed_everything
 from fluidlm.train.tracking import Tracker
-from fluidlm.train.universal import is_universal, load_into_engine
+from fluidlm.train.universal import load_into_engine
 
 EXIT_OK, EXIT_NAN = 0, 3
 
@@ -202,6 +204,7 @@ def train(config: Config, resume_from=None) -> int:
             boundary = (Progress(**vars(progress)), loader.state_dict(), ckpt.rng_state())
             step_start = time.perf_counter()
             loss_sum, stop_votes, nan, bad_grads = 0.0, 0.0, False, False
+            micro_losses = []
             for micro in range(1 if pipeline else t.grad_accum):
                 if pipeline:  # DeepSpeed runs the step: grad_accum micro-batches through the stages (1F1B)
                     loss = engine.train_batch(pipeline_batches(batches, dist_info.device, t.grad_accum, objective,
@@ -212,15 +215,18 @@ def train(config: Config, resume_from=None) -> int:
                     loss = engine(inputs, targets, cu_seqlens)
                 if t.debug_nan_at_step == progress.step + 1:
                     loss = loss * float("nan")
-                # One small all-reduce: mean loss over ranks and "did any rank get a stop signal".
-                shared = torch.stack([loss.detach().double(),
-                                      torch.tensor(1.0 if stop.signal else 0.0, dtype=torch.float64, device=loss.device)])
-                dist.all_reduce(shared)
-                if not math.isfinite(shared[0].item()):
-                    nan = True
-                    break
-                loss_sum += shared[0].item() / world * (t.grad_accum if pipeline else 1)
-                stop_votes = max(stop_votes, shared[1].item())
+                micro_losses.append(loss.detach().double())
+                if pipeline or micro == t.grad_accum - 1:
+                    # Once per step, before the backward whose optimizer step applies: one small
+                    # all-reduce of the summed loss and "did any rank get a stop signal", one host sync.
+                    shared = torch.stack([torch.stack(micro_losses).sum(), torch.tensor(
+                        1.0 if stop.signal else 0.0, dtype=torch.float64, device=loss.device)])
+                    dist.all_reduce(shared)
+                    total, stop_votes = shared.tolist()
+                    if not math.isfinite(total):
+                        nan = True
+                        break
+                    loss_sum = total / world * (t.grad_accum if pipeline else 1)
                 if not pipeline:
                     engine.backward(loss)
                     engine.step()
@@ -273,9 +279,9 @@ def train(config: Config, resume_from=None) -> int:
                     **loader.mixture_metrics(),  # tokens drawn per data source (several sources only)
                 }
                 tracker.log(progress.step, metrics)
-            if bar is not None:
-                bar.update(1)
+            if bar is not None:  # the postfix first: update() redraws, so the bar shows this step's loss
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.update(1)
 
             stopping = stop_votes > 0
             if stopping or progress.step == last_step or (

@@ -4,7 +4,8 @@ MLflow is optional and best-effort: when it is not installed, one warning says s
 keeps everything; the first failure (server down, disk full, bad URI) prints one warning and
 turns MLflow off for the rest of the run; metrics.jsonl keeps everything. Tracking URI: the
 config's `logging.tracking_uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<run_dir parent>/mlflow.db`
-(MLflow 3 deprecates the file store). For HTTP servers the client's retries are cut to one short
+(MLflow 3 deprecates the file store); `fluidlm eval` resolves its URI the same way
+(`resolve_tracking_uri`). For HTTP servers the client's retries are cut to one short
 attempt (unless MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT are set), so a dead server costs seconds,
 not minutes.
 """
@@ -22,15 +23,28 @@ from fluidlm.train.config import Config, dump_yaml, flatten
 
 
 def tracking_uri(config: Config) -> str:
-    if config.logging.tracking_uri:
-        return config.logging.tracking_uri
+    return resolve_tracking_uri(config.logging.tracking_uri, config.run_dir)
+
+
+def resolve_tracking_uri(configured: str | None, run_dir: Path | None) -> str:
+    """The MLflow URI of training and of `fluidlm eval` (which passes the training config's value and
+    run folder): `configured` (logging.tracking_uri), else $MLFLOW_TRACKING_URI, else the default store
+    beside the run folder (`run_dir` None: in the cwd)."""
+    if configured:
+        return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return default_uri(config)
+    return _sqlite_store(run_dir)
 
 
 def default_uri(config: Config) -> str:
-    return f"sqlite:///{(config.run_dir.resolve().parent / 'mlflow.db')}"
+    return _sqlite_store(config.run_dir)
+
+
+def _sqlite_store(run_dir: Path | None) -> str:
+    """sqlite:///<run_dir parent>/mlflow.db (MLflow 3 deprecates the file store)."""
+    base = run_dir.resolve().parent if run_dir is not None else Path.cwd()
+    return f"sqlite:///{base / 'mlflow.db'}"
 
 
 class Tracker:

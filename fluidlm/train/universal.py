@@ -33,121 +33,11 @@ from pathlib import Path
 
 import torch
 
-from fluidlm.train.checkpoint import CheckpointError, optim_file, problems, read_meta, resolve_resume
+from fluidlm.train.checkpoint_read import (UNIVERSAL_JSON, CheckpointError, dense_name, gather_checkpoint, is_universal,
+                                           read_info, resolve_resume, split_dim)
 
-UNIVERSAL_JSON = "universal.json"
 CONVERT_ARGUMENT = "`fluidlm checkpoint convert` CHECKPOINT"  # how errors name the checkpoint to convert
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-# --- names: engine parameter ↔ dense model parameter -----------------------------------------
-
-def dense_name(engine_name: str, model_config: dict, pipeline: bool) -> str:
-    """`model.blocks.0.attn.rho` (flat) or `2.attn.rho` / `tied_modules.embed.embed.weight` (pipeline)
-    → `blocks.0.attn.rho` / `embed.weight`."""
-    if not pipeline:
-        return engine_name.removeprefix("model.")
-    if engine_name.startswith("tied_modules.embed."):
-        return engine_name.removeprefix("tied_modules.embed.")
-    index, rest = engine_name.split(".", 1)
-    if rest.startswith("pde.") or rest == "norm.weight":
-        return rest
-    first_block = 1 + bool(model_config.get("pde", {}).get("enabled", True))
-    return f"blocks.{int(index) - first_block}.{rest}"
-
-
-# --- offline: a checkpoint → full tensors ------------------------------------------------------
-
-def _load(path: Path) -> dict:
-    # DeepSpeed's files are pickles: load only checkpoints you trust (README, checkpoints).
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def gather_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], int]:
-    """(meta, {dense name: {"fp32"|"exp_avg"|"exp_avg_sq": full tensor}}, AdamW step) of a training checkpoint."""
-    issues = problems(path)
-    if issues:
-        raise CheckpointError(f"{path} is not a complete checkpoint: {'; '.join(issues)}")
-    meta = read_meta(path)
-    stage, tp, pp = meta.get("zero_stage", 0), meta.get("tp", 1), meta.get("pp", 1)
-    if stage not in (1, 2) and not (stage == 0 and meta.get("bf16")):
-        raise CheckpointError(f"{path} was saved with parallel.zero_stage={stage}; conversion reads ZeRO stage 1 or 2 "
-                              "(or bf16) optimizer partitions (train with parallel.zero_stage=1, the default)")
-    world = meta["world_size"]
-    dp = world // (tp * pp)  # DeepSpeed's data ranks: DP × CP
-    model_config = meta["config"]["model"]
-    pipeline = pp > 1
-    # pieces[name][state][tp_rank] = list of (dp_rank, fragment) in partition order
-    pieces: dict[str, dict[str, dict[int, list]]] = {}
-    shapes: dict[str, dict[int, torch.Size]] = {}
-    adam_step = None
-    owner: dict[str, int] = {}  # the tied embedding sits on the first and the last stage: read it once
-    for mp in range(tp * pp):
-        tp_rank, stage = mp % tp, mp // tp  # DeepSpeed's model-parallel rank: stage-major, TP fastest
-        model_states = _load(path / f"mp_rank_{mp:02d}_model_states.pt")
-        for group in model_states["param_shapes"]:
-            for name, shape in group.items():
-                dense = dense_name(name, model_config, pipeline)
-                owner.setdefault(dense, stage)
-                shapes.setdefault(dense, {})[tp_rank] = torch.Size(shape)
-        for d in range(dp):
-            optim = _load(path / optim_file(meta, d, mp))["optimizer_state_dict"]
-            flat_fp32 = optim["single_partition_of_fp32_groups"]
-            base_state = optim["base_optimizer_state"]["state"]
-            for g, mapping in enumerate(optim["param_slice_mappings"]):
-                flats = {"fp32": flat_fp32[g], "exp_avg": base_state[g]["exp_avg"],
-                         "exp_avg_sq": base_state[g]["exp_avg_sq"]}
-                adam_step = int(base_state[g]["step"]) if adam_step is None else adam_step
-                for name, frag in mapping.items():
-                    dense = dense_name(name, model_config, pipeline)
-                    if owner[dense] != stage:
-                        continue
-                    for state, flat in flats.items():
-                        part = flat.narrow(0, frag.start, frag.numel).clone()
-                        pieces.setdefault(dense, {}).setdefault(state, {}).setdefault(tp_rank, []).append((d, part))
-    full_shapes = dense_shapes(model_config)
-    missing = set(full_shapes) - set(pieces)
-    if missing:
-        raise CheckpointError(f"{path}: no optimizer partition holds {sorted(missing)[:3]}…; is it a FluidLM checkpoint?")
-    full: dict[str, dict[str, torch.Tensor]] = {}
-    for name, states in pieces.items():
-        full[name] = {}
-        for state, by_tp in states.items():
-            slices = []
-            for tp_rank in sorted(by_tp):
-                flat = torch.cat([part for _, part in sorted(by_tp[tp_rank], key=lambda x: x[0])])
-                slices.append(flat.view(shapes[name][tp_rank]))
-            full[name][state] = _glue(name, slices, full_shapes[name])
-    return meta, full, adam_step or 0
-
-
-def dense_shapes(model_config: dict) -> dict[str, torch.Size]:
-    """Parameter shapes of the dense model (built on the meta device: no memory, no init)."""
-    from fluidlm.model import FluidLM
-    from fluidlm.model.config import ModelConfig
-
-    with torch.device("meta"):
-        model = FluidLM(ModelConfig.model_validate(model_config))
-    return {name: p.shape for name, p in model.named_parameters()}
-
-
-def split_dim(local: torch.Size, full: torch.Size) -> int | None:
-    """The dimension a TP slice was cut along (None: the parameter is replicated)."""
-    differing = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
-    if len(local) != len(full) or len(differing) > 1:
-        raise CheckpointError(f"a parameter of shape {tuple(local)} is not a slice of {tuple(full)}")
-    return differing[0] if differing else None
-
-
-def _glue(name: str, slices: list[torch.Tensor], full_shape: torch.Size) -> torch.Tensor:
-    """TP slices (rank order) → the full tensor."""
-    dim = split_dim(slices[0].shape, full_shape)
-    if dim is not None:
-        return torch.cat(slices, dim=dim)
-    for rank, other in enumerate(slices[1:], start=1):
-        if not torch.equal(slices[0], other):  # replicated parameters must never drift apart
-            raise CheckpointError(f"{name} is replicated across TP ranks but rank {rank} differs from rank 0")
-    return slices[0]
 
 
 def convert(src: Path, out: Path) -> Path:
@@ -175,14 +65,6 @@ def convert(src: Path, out: Path) -> Path:
     (tmp / UNIVERSAL_JSON).write_text(json.dumps(info, indent=2))
     tmp.rename(final)
     return final
-
-
-def is_universal(path: Path) -> bool:
-    return (Path(path) / UNIVERSAL_JSON).is_file()
-
-
-def read_info(path: Path) -> dict:
-    return json.loads((Path(path) / UNIVERSAL_JSON).read_text())
 
 
 # --- at resume: full tensors → this rank's engine ------------------------------------------------
