@@ -1,3 +1,4 @@
+# Over 400 lines: the order, the per-rank shard plan, resumable state and the worker split are one contract.
 """A deterministic, resumable loader over one or more shard manifests, for data-parallel training,
 in which each rank (and each DataLoader worker) opens only its own shards.
 

@@ -1,3 +1,4 @@
+# Over 400 lines: six kernels (summary, combine, forward, dq, dk, dv) share one geometry and its launch code.
 """Differential Attention v2: segment-parallel Triton kernels (docs/design.md §1, item 4). `backend="triton"`.
 
 Layout. Documents never cross rows: the rows of (B, H, N, ·) tensors are cut into documents

@@ -1,3 +1,4 @@
+# Over 400 lines: the CP math (causal and bidirectional), its autograd-aware collectives and the layers' CP context belong together.
 """Context parallelism (docs/design.md §4): the sequence is split into CP contiguous, equal shards, one per
 rank of a CP process group, and every layer that mixes tokens gets what it needs from the other shards
 with traffic that does not grow with the sequence length.
