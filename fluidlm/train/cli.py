@@ -55,6 +55,8 @@ def prepare(args: argparse.Namespace):
                               "to continue that run, or choose another train.run_dir")
     if resume_from is not None:
         check_resume(resume_from, config, world)
+    elif args.resume == "auto" and os.environ.get("RANK", "0") == "0":
+        print(f"--resume auto: no checkpoint in {config.checkpoint_dir} yet; starting from step 0", flush=True)
     return config, resume_from
 
 

@@ -135,6 +135,12 @@ class TrainConfig(StrictModel):
     peak_tflops: float = Field(
         989.0, gt=0, description="peak dense TFLOP/s of ONE device, the denominator of the MFU estimate "
                                  "(H100 SXM bf16: 989; H200: 989; a 2-core CPU: ~0.1)")
+    eval_every: int = Field(
+        0, ge=0, description="validation every this many steps (and after the last): loss and perplexity on a fixed "
+                             "slice of data.val_split, logged as val/loss and val/perplexity; 0 = off")
+    eval_tokens: int = Field(
+        65536, ge=1, description="tokens in the validation slice: the first samples of the split in manifest order "
+                                 "(the same every time, so the curve is comparable), shared out over data-parallel ranks")
     debug_nan_at_step: int | None = Field(
         None, ge=1, description="debug switch: make the loss NaN at this step (tests the NaN stop); null = off")
 
@@ -415,6 +421,13 @@ def _check_source(config: Config, field: str, folder: str) -> dict:
                               f"{folder}/tokenizer.model, or set model.vocab_size above {top} if the vocabulary is larger")
     if config.train.objective == "masked_lm":
         resolve_masked_lm(config, manifest, manifest_path)
+    if config.train.eval_every and field in ("data.dir", f"data.sources[{config.data.source_list()[0][0]}].dir") \
+            and folder == config.data.dir:
+        val = data_dir / config.data.val_split / "manifest.json"
+        if not val.is_file():
+            raise ConfigError(f"train.eval_every={config.train.eval_every} validates on {str(val)!r}, which does not exist "
+                              f"(data.val_split={config.data.val_split!r}); run `fluidlm data prepare --out {folder}` "
+                              f"or set train.eval_every=0")
     return manifest
 
 

@@ -135,6 +135,13 @@ def train(config: Config, resume_from=None) -> int:
     loader = ShardLoader(config.train_sources(), dp_rank=dp_rank, dp_size=layout.dp, micro_batch_size=t.micro_batch_size,
                          seed=t.seed, num_workers=config.data.num_workers, lanes=config.data.lanes,
                          window=config.data.window, vocab_size=config.model.vocab_size)
+    val_batches = None
+    if t.eval_every:  # the fixed validation slice, this rank's share (fluidlm/train/validation.py)
+        from fluidlm.train.validation import validate, validation_batches
+
+        val_batches = validation_batches(config.manifest_path(config.data.val_split), t.eval_tokens, t.micro_batch_size,
+                                         dp_rank, layout.dp, group=t.grad_accum if pipeline else 1,
+                                         vocab_limit=config.model.vocab_size)
     progress, rank_state = Progress(), None
     if resume_from is not None and is_universal(resume_from):  # a layout change (fluidlm checkpoint convert)
         meta = load_into_engine(engine, resume_from, config.to_dict()["model"], pipeline)
@@ -196,6 +203,7 @@ def train(config: Config, resume_from=None) -> int:
                                       f"newest checkpoint are not saved]") from None
 
     exit_code, status, last_saved = EXIT_OK, "FINISHED", progress.step if resume_from else None
+    last_val = None
     engine.train()
     stop = StopRequest().install()
     try:
@@ -264,7 +272,10 @@ def train(config: Config, resume_from=None) -> int:
             step_time = time.perf_counter() - step_start
             loss_value = loss_sum / t.grad_accum
             tokens_per_s = tokens_per_step / step_time
-            if progress.step % config.logging.every == 0 or progress.step == last_step:
+            val = {}
+            if val_batches is not None and (progress.step % t.eval_every == 0 or progress.step == last_step):
+                val = validate(engine, val_batches, dist_info, Objective(config), t.grad_accum)
+            if progress.step % config.logging.every == 0 or progress.step == last_step or val:
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
                     "loss": loss_value,
@@ -277,10 +288,14 @@ def train(config: Config, resume_from=None) -> int:
                     "tokens": progress.tokens,
                     "step_time_s": step_time,
                     **loader.mixture_metrics(),  # tokens drawn per data source (several sources only)
+                    **val,  # val/loss, val/perplexity, val/tokens at validation steps
                 }
                 tracker.log(progress.step, metrics)
             if bar is not None:  # the postfix first: update() redraws, so the bar shows this step's loss
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                if val:
+                    last_val = f"{val['val/loss']:.4f}"
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"val": last_val} if val_batches is not None and last_val
+                                                             else {}), tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
 
             stopping = stop_votes > 0
