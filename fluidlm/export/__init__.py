@@ -41,6 +41,14 @@ class ExportResult:
     source: str = ""
 
 
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise ExportError("export and from_pretrained need safetensors: pip install 'fluidlm[export]'") from None
+    return st
+
+
 def hf_config(model_config: dict, *, dtype: str, step: int | None = None, source: str | None = None) -> dict:
     """config.json: the transformers keys, then the FluidLM model config (its fields at the top level)."""
     from fluidlm import __version__
@@ -66,12 +74,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     """Write the folder above from a checkpoint (a step_* folder, a checkpoints/ folder, a run folder
     or a universal checkpoint). Raises ExportError (or EvalError from the reader) on bad input."""
     import torch
-    from safetensors.torch import save_file
 
     from fluidlm.eval.perplexity import checkpoint_info, load_model, resolve_checkpoint, training_tokenizer
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    st = _safetensors()
     out = Path(out)
     if (out / WEIGHTS).exists() and not force:
         raise ExportError(f"--out {out} already holds an export ({WEIGHTS}); pass --force to overwrite it")
@@ -83,7 +91,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     state = {k: v.detach().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "fluidlm_step": str(info.step),
+    st.save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "fluidlm_step": str(info.step),
                                                    "dtype": DTYPES[dtype]})
     model_config = model.config.model_dump(mode="json")
     (out / CONFIG).write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step, source=str(path)), indent=2))
@@ -138,7 +146,6 @@ def from_pretrained(path: str | Path, *, dtype=None, device="cpu"):
     """The FluidLM (eval mode) of a folder written by `fluidlm export`. Weights are read with
     safetensors (no pickle); bf16 exports are upcast into the fp32 model unless `dtype` is given."""
     import torch
-    from safetensors.torch import load_file
 
     from fluidlm.model import FluidLM
     from fluidlm.model.config import ModelConfig
@@ -147,7 +154,7 @@ def from_pretrained(path: str | Path, *, dtype=None, device="cpu"):
     if not (path / WEIGHTS).is_file():
         raise ExportError(f"{path}: no {WEIGHTS} (not a folder written by `fluidlm export`)")
     model = FluidLM(ModelConfig.model_validate(read_config(path)))
-    state = load_file(str(path / WEIGHTS))
+    state = _safetensors().load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}/{WEIGHTS} does not fit its {CONFIG} (missing {missing[:3]}, unexpected {unexpected[:3]})")

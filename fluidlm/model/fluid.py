@@ -72,6 +72,14 @@ class FluidLM(nn.Module):
         # Recompute each block in backward instead of storing its activations (long contexts).
         self.activation_checkpointing = False
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "FluidLM":
+        """The model of a folder written by `fluidlm export` (safetensors, no pickle), in eval mode:
+        fluidlm.export.from_pretrained(path, dtype=None, device="cpu")."""
+        from fluidlm.export import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
     def hidden_states(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, N, d_model), before the LM head."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
