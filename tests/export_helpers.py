@@ -23,7 +23,8 @@ def tiny_model_config(attention: str = "da", direction: str = "causal", **overri
 
 def tiny_model(attention: str = "da", direction: str = "causal", seed: int = 0, **overrides):
     """A FluidLM (eval mode) with every weight perturbed, so no parameter sits at its special
-    init value (identity conv tap, zero bias) and the logits spread over several units."""
+    init value (identity conv tap, zero bias), the logits spread over several units and greedy
+    decoding does not just repeat a token."""
     from fluidlm.model import FluidLM, ModelConfig
 
     torch.manual_seed(seed)
@@ -31,6 +32,8 @@ def tiny_model(attention: str = "da", direction: str = "causal", seed: int = 0, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if name == "embed.weight" else 0.1))
+        # a random-signed final norm: else the tied head mostly echoes the last token (h ≈ its embedding)
+        model.norm.weight.copy_(torch.randn_like(model.norm.weight))
     return model.eval()
 
 
