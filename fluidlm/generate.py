@@ -59,8 +59,8 @@ def _softmax_step(model, tokens: torch.Tensor, state=None):
     (logits (1, n, vocab), state). For now the state is the whole sequence so far and every step
     reruns the full forward on it (no KV cache yet); swap in a cached forward_stream here."""
     seq = tokens if state is None else torch.cat([state, tokens], dim=1)
-    logits = model(seq)[:, -tokens.shape[1]:]
-    return logits, seq
+    hidden = model.hidden_states(seq)[:, -tokens.shape[1]:]  # the head only on the new tokens
+    return model.parallel.lm_logits(hidden, model.embed.weight), seq
 
 
 def _da_step(model, tokens: torch.Tensor, state=None):
