@@ -142,6 +142,20 @@ def run_subprocess(args, attention: str, prompt: int, new_tokens: int, extra_env
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ratio(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fmt_k(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -162,10 +176,15 @@ def main():
     p.add_argument("--point", action="store_true", help="(internal) one point, JSON on stdout")
     p.add_argument("--attention", default="da", choices=["da", "softmax"])
     p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--render", default=None, help="re-write the tables of an earlier run's JSON (no measuring)")
     args = p.parse_args()
     if args.point:
         print(json.dumps(run_point(args)))
         return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        lengths = sorted({r["prompt"] for r in saved["points"]})
+        return write_report(args, saved["title"], saved["command"], saved["model"], lengths, saved["points"])
 
     lengths = [int(x) for x in args.lengths.split(",")]
     softmax_tokens = {int(a): int(b) for a, b in (item.split(":") for item in args.softmax_tokens.split(",") if item)}
@@ -182,12 +201,17 @@ def main():
 
     import torch
     model_cfg = tiny_model_config(args.config)
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{platform.machine()} {cpu_name()}"
     load_after = os.getloadavg()
     title = (f"Decoding after a prompt, CPU ({os.cpu_count()} cores, {cpu}, {args.threads} torch thread(s)), "
              f"configs/tiny-cpu.yaml model (untrained, {points[0].get('params', 0):,} parameters), torch {torch.__version__}, "
              f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}; machine shared with other jobs "
              f"(1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+    command = f"python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}".rstrip()
+    write_report(args, title, command, model_cfg, lengths, points)
+
+
+def write_report(args, title, command, model_cfg, lengths, points):
     by = {(r["attention"], r["prompt"]): r for r in points}
     lines = [title, "", "DA: greedy decoding through forward_stream (recurrent state). Softmax: no KV cache yet, every "
              "token reruns the full forward on the whole sequence (fluidlm.generate._softmax_step).", "",
@@ -198,11 +222,11 @@ def main():
         d, s = by[("da", n)], by[("softmax", n)]
         def g(r, key, f="{:.1f}"):
             return f.format(r[key]) if key in r else r.get("error", "")
-        speed = f"{d['decode_tokens_per_s'] / s['decode_tokens_per_s']:.1f}×" if "error" not in d and "error" not in s else ""
+        speed = f"{ratio(d['decode_tokens_per_s'] / s['decode_tokens_per_s'])}×" if "error" not in d and "error" not in s else ""
         def ms(r):
             return f"{r['decode_ms_per_token']:.1f} ({r['decode_median_ms']:.1f})" if "error" not in r else r["error"]
         lines.append(f"| {fmt_k(n)} | {ms(d)} | {ms(s)} "
-                     f"| {g(d, 'decode_tokens_per_s')} | {g(s, 'decode_tokens_per_s')} | {speed} "
+                     f"| {g(d, 'decode_tokens_per_s', '{:.3g}')} | {g(s, 'decode_tokens_per_s', '{:.3g}')} | {speed} "
                      f"| {g(d, 'decode_peak_above_model_mib')} | {g(s, 'decode_peak_above_model_mib')} "
                      f"| {g(d, 'process_peak_rss_mib', '{:.0f}')} | {g(s, 'process_peak_rss_mib', '{:.0f}')} "
                      f"| {g(d, 'prefill_s', '{:.2f}')} | {g(s, 'prefill_s', '{:.2f}')} "
@@ -212,14 +236,16 @@ def main():
               "= the whole process (model, prompt and prefill included).",
               f"DA's decoding state (DA states + flow-conv and PDE neighbours, all layers): "
               f"{da_state / 2**10:.1f} KiB, whatever the prompt length." if da_state else "",
-              "", f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}".rstrip()]
+              "The softmax column is the full recompute (no KV cache yet): with a cache its per-token cost would be "
+              "one token's attention over N cached keys, still growing with N; DA's is flat.",
+              "", f"command: {command}"]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"title": title, "command": lines[-1].removeprefix("command: "),
-                                                    "model": model_cfg, "points": points}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"title": title, "command": command, "model": model_cfg,
+                                                    "points": points}, indent=2))
 
 
 if __name__ == "__main__":
