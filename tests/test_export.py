@@ -3,7 +3,8 @@
 The export is read back three ways and must give the checkpoint's logits: safetensors alone (no
 pickle), FluidLM.from_pretrained, and transformers' AutoModelForCausalLM(trust_remote_code=True) in
 a subprocess where fluidlm cannot be imported (the modeling file is self-contained). Greedy
-`.generate()` there equals fluidlm's greedy generation. DA and softmax, PDE on (2 steps, 2 scales).
+`.generate()` there equals fluidlm's greedy generation. DA and softmax, causal and bidirectional (logits
+only), PDE on (2 steps, 2 scales).
 The checkpoints are written by tests/export_helpers.py in the single-process ZeRO-0 layout (eval's
 reader, which export reuses, is tested on every other layout in tests/test_eval.py)."""
 
@@ -23,6 +24,9 @@ from export_helpers import tiny_model, write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 128, 64, 1, 250]
 NEW = 12
+# exported and read back; the bidirectional (masked-LM) ones are not generated from
+VARIANTS = {"da": ("da", "causal"), "softmax": ("softmax", "causal"), "da-bidirectional": ("da", "bidirectional"),
+            "softmax-bidirectional": ("softmax", "bidirectional")}
 
 
 def export(args, capsys):
@@ -39,18 +43,19 @@ def exported(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("export")
     found = {}
-    for attention in ("da", "softmax"):
-        model = tiny_model(attention, seed=1)
-        data = tmp / f"data-{attention}"
+    for attention, direction in VARIANTS.values():
+        model = tiny_model(attention, direction, seed=1)
+        key = attention if direction == "causal" else f"{attention}-bidirectional"
+        data = tmp / f"data-{key}"
         (data / "train").mkdir(parents=True)
         tok = data / "tokenizer.model"
         tok.write_bytes(b"a sentencepiece model")  # export copies it; nothing here parses it
         (data / "train" / "manifest.json").write_text(json.dumps({"tokenizer": str(tok), "tokenizer_sha256": "x"}))
-        run = tmp / f"run-{attention}"
+        run = tmp / f"run-{key}"
         write_checkpoint(model, run, data_dir=str(data))
-        out = tmp / f"export-{attention}"
+        out = tmp / f"export-{key}"
         assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
-        found[attention] = {"model": model, "run": run, "out": out, "tokenizer": tok}
+        found[key] = {"model": model, "run": run, "out": out, "tokenizer": tok}
     return {"tmp": tmp, **found}
 
 
@@ -59,7 +64,7 @@ def full_logits(model, ids):
         return model(torch.tensor([ids]))[0]
 
 
-@pytest.mark.parametrize("attention", ["da", "softmax"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_export_reloads_to_the_same_logits(exported, attention):
     from safetensors.torch import load_file
 
@@ -74,7 +79,8 @@ def test_export_reloads_to_the_same_logits(exported, attention):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "fluidlm" and config["architectures"] == ["FluidLMForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fluidlm.FluidLMForCausalLM"
-    assert config["attention"] == attention and config["pde"]["steps"] == 2 and config["fluidlm"]["step"] == 3
+    assert (config["attention"], config["direction"]) == VARIANTS[attention]
+    assert config["pde"]["steps"] == 2 and config["fluidlm"]["step"] == 3
     # safetensors alone, no pickle: the model's state dict, the tied embedding/head stored once
     state = load_file(str(out / "model.safetensors"))
     reference = model.state_dict()
@@ -99,8 +105,9 @@ for name, folder in json.loads(sys.argv[1]).items():
     ids = torch.tensor([json.loads(sys.argv[2])])
     with torch.no_grad():
         logits = model(ids.repeat(1, 4)).logits[0]
-        gen = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False, eos_token_id=None)
-    out[name] = {"logits": logits.tolist(), "generated": gen[0, ids.shape[1]:].tolist(),
+        gen = None if "bidirectional" in name else \
+            model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    out[name] = {"logits": logits.tolist(), "generated": gen,
                  "class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)}
 print(json.dumps(out))
 """
@@ -109,7 +116,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def transformers_run(exported):
     pytest.importorskip("transformers")
-    folders = {a: str(exported[a]["out"]) for a in ("da", "softmax")}
+    folders = {a: str(exported[a]["out"]) for a in VARIANTS}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", HF_CHECK, json.dumps(folders), json.dumps(PROMPT), str(NEW)],
                           cwd=exported["tmp"], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
@@ -118,7 +125,7 @@ def transformers_run(exported):
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("attention", ["da", "softmax"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_transformers_loads_the_export_without_fluidlm(exported, transformers_run, attention):
     from fluidlm.generate import generate
 
@@ -126,6 +133,8 @@ def test_transformers_loads_the_export_without_fluidlm(exported, transformers_ru
     model = exported[attention]["model"]
     assert got["class"] == "FluidLMForCausalLM" and got["dtype"] == "torch.float32"
     torch.testing.assert_close(torch.tensor(got["logits"]), full_logits(model, PROMPT * 4), atol=1e-5, rtol=1e-5)
+    if "bidirectional" in attention:
+        return
     ours = list(generate(model, PROMPT, max_new_tokens=NEW, temperature=0))
     assert got["generated"] == ours
 
