@@ -176,3 +176,22 @@ def test_cli_refusals_exit_2(with_tokenizer, capsys):
     assert code == 2 and "--prompt-ids" in err
     code, out, err = run_cli(["--checkpoint", str(bare), "--prompt-file", str(tmp / "missing.txt")], capsys)
     assert code == 2 and "missing.txt" in err
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  vocab_size: 256\n  d_model: 32\n  n_layers: 1\n  n_heads: 2\n  head_dim: 16\n"
+                      "  chunk_size: 16\n  max_seq_len: 64\n")
+    proc = subprocess.run([sys.executable, "bench/generate.py", "--lengths", "96", "--new-tokens", "3",
+                           "--softmax-tokens", "96:2", "--chunk", "32", "--config", str(config),
+                           "--out", str(tmp_path / "g")], cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert [(r["attention"], r["prompt"], r["new_tokens"]) for r in result["points"]] == [("da", 96, 3), ("softmax", 96, 2)]
+    assert all(r["decode_tokens_per_s"] > 0 and r["decode_peak_above_model_mib"] is not None for r in result["points"])
+    assert "| 96 |" in (tmp_path / "g.md").read_text()
