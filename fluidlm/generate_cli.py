@@ -52,8 +52,8 @@ class TextStream:
     """Prints the decoded text of the ids so far as it grows, holding back an incomplete UTF-8
     character (byte-fallback pieces decode to U+FFFD until their last byte arrives)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
 
     def add(self, token: int) -> None:
         self.ids.append(token)
