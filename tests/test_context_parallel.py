@@ -32,7 +32,7 @@ from fluidlm.parallel.context import (
     shard_sequence,
     window_cu_seqlens,
 )
-from fluidlm.parallel.layers import DenseLayers
+from fluidlm.model.layers import DenseLayers
 
 WORLD = 4
 N = 64
@@ -253,3 +253,66 @@ def test_sharding_helpers():
         shard_sequence(x, 0, 5)
     assert window_cu_seqlens(torch.tensor([0, 5, 16, 23, 64]), 13, 19).tolist() == [0, 3, 10, 19]
     assert window_cu_seqlens(None, 3, 4) is None
+
+
+TRITON_CP_SCRIPT = r"""
+import os, sys, tempfile, multiprocessing as mp
+import torch, torch.distributed as dist
+from fluidlm.kernels.chunked import chunked_differential_attention
+from fluidlm.parallel.context import cp_differential_attention, shard_sequence
+
+def case(rank, cp, cu):
+    gen = torch.Generator().manual_seed(4)
+    b, h, n, d = (2 if cu is None else 1), 2, 64, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    g = -0.2 * torch.rand(b, h, n, generator=gen)
+    w = torch.randn(b, h, n, d, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    ref = chunked_differential_attention(*full, causal=True, feature_map="sigmoid", eps=1e-6, cu_seqlens=cu, chunk_size=16)
+    (ref * w).sum().backward()
+    local = [shard_sequence(t, rank, cp, dim=2).clone().requires_grad_() for t in (q, k, v, g)]
+    out = cp_differential_attention(*local, causal=True, feature_map="sigmoid", eps=1e-6, cu_seqlens=cu, chunk_size=16,
+                                    group=dist.group.WORLD, backend="triton")
+    (out * shard_sequence(w, rank, cp, dim=2)).sum().backward()
+    def rel(a, b):  # error relative to the reference's largest magnitude
+        return ((a - b).abs().max() / b.abs().max()).item()
+    errs = [rel(out, shard_sequence(ref, rank, cp, dim=2))]
+    errs += [rel(l.grad, shard_sequence(f.grad, rank, cp, dim=2)) for l, f in zip(local, full)]
+    return max(errs)
+
+def worker(rank, init, queue):
+    import warnings
+    warnings.simplefilter("error", RuntimeWarning)  # a fallback to chunked would warn: make it fail
+    dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
+    from fluidlm.kernels import triton_v2
+    assert triton_v2.INTERPRET
+    queue.put((rank, [case(rank, 2, None), case(rank, 2, torch.tensor([0, 5, 23, 40, 64]))]))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    init = os.path.join(tempfile.mkdtemp(), "rdzv")
+    procs = [ctx.Process(target=worker, args=(r, init, queue)) for r in range(2)]
+    [p.start() for p in procs]
+    print("MAXERR", max(max(e) for _, e in (queue.get(timeout=400) for _ in procs)))
+    [p.join() for p in procs]
+"""
+
+
+def test_cp_on_the_triton_backend_under_the_interpreter_equals_one_rank(tmp_path):
+    """Causal CP runs the DA op itself: here its Triton kernels (interpreted), with the shard's
+    incoming state as `initial_state`, against the chunked backend on the whole sequence."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "cp_triton.py"
+    script.write_text(TRITON_CP_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = float(done.stdout.split("MAXERR")[-1])  # relative to each tensor's largest value, fp32
+    assert err <= 1e-5, err

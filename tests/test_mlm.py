@@ -225,20 +225,20 @@ def target_visibility(model, objective, batch, max_positions: int = 12) -> tuple
     length = batch["tokens"].shape[1] - 1
     masked_lm = objective.spec is not None
     with torch.no_grad():
-        logits = model(inputs, cu)[0]
+        logits = model(inputs, cu).flatten(0, 1)
         worst, checked = 0.0, 0
-        for p in (targets[0] != -100).nonzero().flatten().tolist():
+        for p in (targets.flatten() != -100).nonzero().flatten().tolist():
             b, i = divmod(p, length)
             src = i if masked_lm else i + 1  # where the target token sits in the raw row
-            if masked_lm and inputs[0, p] == batch["tokens"][b, i]:
+            if masked_lm and inputs.flatten()[p] == batch["tokens"][b, i]:
                 continue  # BERT's "kept" 10 %: the input is the token itself, by design
             if src >= length or (not masked_lm and batch["doc_starts"][b, src]):
                 continue  # next-token target outside the input row, or in the next document
             changed = copy.deepcopy(batch)
             changed["tokens"][b, src] = 3 + (int(changed["tokens"][b, src]) - 3 + 17) % 61
             again, retargets, _ = batch_to_inputs(changed, cpu, objective=objective, step=3, micro=1)
-            assert retargets[0, p] != targets[0, p]  # the answer did change
-            worst = max(worst, (model(again, cu)[0, p] - logits[p]).abs().max().item())
+            assert retargets.flatten()[p] != targets.flatten()[p]  # the answer did change
+            worst = max(worst, (model(again, cu).flatten(0, 1)[p] - logits[p]).abs().max().item())
             checked += 1
             if checked == max_positions:
                 break

@@ -33,8 +33,9 @@ def chunked_differential_attention(
     if legacy and (not causal or cu_seqlens is not None):
         raise ValueError("state passing needs the causal form without cu_seqlens")
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
-        return _per_document(q, k, v, g, causal=causal, feature_map=feature_map, eps=eps, cu_seqlens=cu_seqlens,
-                             chunk_size=chunk_size, initial_state=initial_state)
+        o, final = _per_document(q, k, v, g, causal=causal, feature_map=feature_map, eps=eps, cu_seqlens=cu_seqlens,
+                                 chunk_size=chunk_size, initial_state=initial_state)
+        return (o, final) if output_final_state else o
     acc = accumulation_dtype(q.dtype)
     n = q.shape[-2]
     dv = v.shape[-1]

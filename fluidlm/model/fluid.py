@@ -4,7 +4,9 @@
     FluidBlock(x): x = x + DA(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
 
 `attention="softmax"` swaps DA for SDPA + RoPE and changes nothing else: that is the baseline.
-Plain PyTorch; parallelism enters only through the layer factory.
+Plain PyTorch: `fluidlm/parallel/parallelize.py` applies every kind of parallelism from outside
+(the layer factory for TP, a CP context on the DA and PDE layers, the pipeline cut from these
+modules). Inputs are (B, N) rows; `cu_seqlens` packs documents along the flattened B·N tokens.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fluidlm.model.attention import DifferentialAttentionLayer, SoftmaxAttentionLayer
+from fluidlm.model.attention import DifferentialAttentionLayer, SoftmaxAttentionLayer, StreamCache
 from fluidlm.model.config import ModelConfig
+from fluidlm.model.layers import DenseLayers
 from fluidlm.model.pde import PDEDiffusion
-from fluidlm.parallel.layers import DenseLayers
 
 
 class SwiGLU(nn.Module):
@@ -44,14 +46,10 @@ class FluidBlock(nn.Module):
         self.ffn = SwiGLU(config.d_model, config.ffn_size, layers, config.init_std, out_init_std)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cu_seqlens))
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cache: StreamCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cu_seqlens, cache))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
-
-    def forward_stream(self, x: torch.Tensor, state=None):
-        attn, state = self.attn.forward_stream(self.attn_norm(x), state)
-        x = x + self.dropout(attn)
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), state
 
 
 class FluidLM(nn.Module):
@@ -98,28 +96,26 @@ class FluidLM(nn.Module):
         """Logits (B, N, vocab) — the local vocabulary shard under tensor parallelism."""
         return self.parallel.lm_logits(self.hidden_states(tokens, cu_seqlens), self.embed.weight)
 
-    def forward_stream(self, tokens: torch.Tensor, state=None):
-        """Score one window of a longer sequence, carrying everything earlier windows left behind
-        (DA states, flow-conv and PDE neighbours) in `state`: logits equal the full-context
-        forward's, in memory constant in the sequence length. Causal DA models only.
+    def forward_stream(self, tokens: torch.Tensor, state: dict | None = None):
+        """Logits of one window of longer rows, carrying what earlier windows left behind in `state`
+        (updated in place and returned): per block a `StreamCache` (DA: its state and the flow conv's
+        last inputs, O(1) in the length; softmax: the KV cache) and the PDE layer's past neighbours.
+        The logits equal the full-context forward's. Causal models only.
 
             state = None
             for window in windows:
                 logits, state = model.forward_stream(window, state)
         """
-        if self.config.attention != "da" or not self.config.causal:
-            raise ValueError("streaming needs a causal DA model (attention='da', direction='causal')")
-        state = state or {"pde": None, "blocks": [None] * len(self.blocks)}
+        if not self.config.causal:
+            raise ValueError("streaming needs a causal model (direction='causal')")
+        if state is None:
+            state = {"pde": None, "blocks": [StreamCache() for _ in self.blocks]}
         x = self.embed(tokens)
-        pde_state = None
         if self.pde is not None:
-            x, pde_state = self.pde.forward_stream(x, state["pde"])
-        block_states = []
-        for block, block_state in zip(self.blocks, state["blocks"]):
-            x, block_state = block.forward_stream(x, block_state)
-            block_states.append(block_state)
-        logits = self.parallel.lm_logits(self.norm(x), self.embed.weight)
-        return logits, {"pde": pde_state, "blocks": block_states}
+            x, state["pde"] = self.pde.forward_stream(x, state["pde"])
+        for block, cache in zip(self.blocks, state["blocks"]):
+            x = block(x, None, cache)
+        return self.parallel.lm_logits(self.norm(x), self.embed.weight), state
 
     def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean"):
         """Cross-entropy of `targets` (B, N; -100 = ignore) without materialising all logits:

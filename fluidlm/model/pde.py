@@ -39,9 +39,23 @@ class PDEDiffusion(nn.Module):
         self.bound = 1.0 if causal else 0.5  # C: keeps Σ_s D_s inside the CFL bound
         self.theta = nn.Parameter(torch.full((len(self.scales), d_model), float(theta_init)))
         self.rate = layers.replicated_linear(d_model, len(self.scales), bias=False, init_std=init_std)
+        self.context_parallel = None  # a CP context (fluidlm.parallel.context) runs it on a shard
 
     def forward(self, u: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        n = u.shape[1]
+        if self.context_parallel is not None:
+            # This rank's shard, with max(S)·K tokens of each neighbour (the symmetric stencil reads
+            # both sides): an error at the window's ends moves max(S) tokens per step, so after K
+            # steps it has not reached the shard.
+            halo = max(self.scales) * self.steps
+            window, window_cu, offset = self.context_parallel.halo(
+                u, halo, halo if self.stencil == "symmetric" else 0, cu_seqlens)
+            return self._diffuse(window, window_cu)[:, offset:offset + u.shape[1]]
+        return self._diffuse(u, cu_seqlens)
+
+    def _diffuse(self, u: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = u.shape
+        if cu_seqlens is not None and b > 1:  # documents packed along the flattened B·N tokens
+            return self._diffuse(u.reshape(1, b * n, c), cu_seqlens).view(b, n, c)
         first, last = document_bounds(n, cu_seqlens, u.device)
         positions = torch.arange(n, device=u.device)
         for _ in range(self.steps):

@@ -27,6 +27,15 @@ rank's last tokens (and the next rank's first tokens) point-to-point; K steps of
 max(S) need max(S)·K of them, the width-4 causal conv of the flow encoder 3. Document edges come from
 the GLOBAL `cu_seqlens`, so Neumann edges sit where they would on one rank.
 
+The causal form runs the DA op itself (`fluidlm.kernels.differential_attention`, any backend: Triton
+on GPUs) on the shard, with the incoming state as the `initial_state` of the shard's first document;
+the summary U is one matmul. The bidirectional form also needs the state entering from the right,
+which the op does not take: it runs the torch scan below.
+
+How the model uses it: `parallelize` hands a `ContextParallel` to the DA layers, their flow encoders
+and the PDE layer (their `context_parallel` attribute); those layers then ask it for halos and for
+the attention of their shard. Nothing in the model is replaced.
+
 Interface convention: every function takes the rank's shard (B, ·, N_local, ·) plus the GLOBAL
 `cu_seqlens` ([0, …, N], N = cp · N_local, FlashAttention's convention, B = 1) and the CP `group`; a
 rank's shard is [rank · N_local, (rank + 1) · N_local) (see `shard_sequence`).
@@ -41,10 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fluidlm.kernels import DAState, differential_attention
 from fluidlm.kernels.chunked import decayed_causal_scan
 from fluidlm.kernels.common import accumulation_dtype, feature_map_fn, input_weight
-
-FLOW_HALO = 3  # FlowEncoder: width-4 causal depthwise conv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +102,8 @@ def _check_global_cu(cu_seqlens: torch.Tensor | None, n_global: int, batch: int)
         raise ValueError("cu_seqlens must be the GLOBAL 1-D integer tensor [0, n_1, n_1+n_2, ..., N]")
     if batch != 1:
         raise ValueError(f"cu_seqlens packs documents along N and needs batch size 1, got B={batch}")
+    if cu_seqlens.is_cuda:  # checking the values would synchronise with the device
+        return
     cu = cu_seqlens.tolist()
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != n_global or any(x >= y for x, y in itertools.pairwise(cu)):
         raise ValueError(
@@ -228,14 +238,16 @@ def exchange_halo(x: torch.Tensor, left: int, right: int, group=None, dim: int =
 
 
 def cp_differential_attention(
-    q, k, v, g, *, causal=True, feature_map="sigmoid", eps=1e-6, cu_seqlens=None, chunk_size=64, group=None
+    q, k, v, g, *, causal=True, feature_map="sigmoid", eps=1e-6, cu_seqlens=None, chunk_size=64, group=None,
+    backend="chunked",
 ):
     """Differential Attention (docs/design.md §1) over a sequence split across the CP `group`.
 
     q, k: (B, H, N_local, d); v: (B, H, N_local, dv); g: (B, H, N_local) ≤ 0 — this rank's contiguous
     shard [rank·N_local, (rank+1)·N_local). `cu_seqlens`: the GLOBAL document boundaries (B = 1).
     Returns this rank's (B, H, N_local, dv) output in q's dtype, equal to slicing the single-process
-    result. Collective: every rank of the group must call it (same shapes).
+    result. Collective: every rank of the group must call it (same shapes). Causal: the DA op on
+    `backend` with the incoming state; bidirectional: the torch scan (the op takes no state from the right).
     """
     rank, world = _group_info(group)
     b, h, n, d = q.shape
@@ -243,60 +255,84 @@ def cp_differential_attention(
     start = rank * n
     _check_global_cu(cu_seqlens, n * world, b)
     acc = accumulation_dtype(q.dtype)
-    fq = feature_map_fn(q.to(acc), feature_map)
     g = g.to(acc)
     kb = feature_map_fn(k.to(acc), feature_map) * input_weight(g)[..., None]  # β_i φ(k_i)
     v_aug = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
-
-    # Global document index of each local token; documents that start in [start, end).
-    if cu_seqlens is None:
-        seg, starts_here, first_continues = None, start == 0, start > 0
-    else:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-        seg = (torch.searchsorted(cu, torch.arange(start, start + n, device=q.device), right=True) - 1)[None]
-        cu_list = cu_seqlens.tolist()
-        starts_here = any(start <= c < start + n for c in cu_list)
-        first_continues = start not in cu_list  # the shard's first document began on an earlier rank
-
-    num, u_fwd = _scan(fq, kb, v_aug, g, seg, chunk_size, strict=False)
-    # Shard-long decay sums in fp64 (cheap: (B, H, N) vectors), so long shards lose no precision
-    # (the kernel itself only cumulates within a chunk).
-    g64 = g.to(torch.float64)
-    a = (torch.exp(g64.sum(-1)) * (0.0 if starts_here else 1.0)).to(acc)  # (B, H)
-    parts = [a.reshape(-1), u_fwd.reshape(-1)]
+    seg, starts_here, first_continues = _shard_documents(cu_seqlens, start, n, q.device)
+    g64 = g.to(torch.float64)  # shard-long decay sums in fp64: long shards lose no precision
+    a = (torch.exp(g64.sum(-1)) * (1.0 - starts_here)).to(acc)  # (B, H): how the incoming state carries through
     if not causal:
-        g_next = torch.cat([g[..., 1:], torch.zeros_like(g[..., :1])], dim=-1)
-        anti, u_rev = _scan(_flip(fq), _flip(kb), _flip(v_aug), _flip(g_next),
-                            None if seg is None else _flip(seg, 1), chunk_size, strict=True)
-        num = num + _flip(anti)
-        # u_rev = Σ_i exp(Σ_{j=s+1..i} g_j) k_i v_iᵀ over the first document; U' adds g_s.
-        u_bwd = u_rev * torch.exp(g[..., 0])[..., None, None] * (1.0 if first_continues else 0.0)
-        parts.append(u_bwd.reshape(-1))
+        return _bidirectional(q, kb, v_aug, g, g64, a, seg, first_continues, feature_map, eps, chunk_size, group)
 
-    gathered = gather_summaries(torch.cat(parts), group)  # (P, numel): the only communication
-    sz = b * h
-    ssz = b * h * d * (dv + 1)
-    a_all = gathered[:, :sz].reshape(world, b, h, 1, 1)
-    u_all = gathered[:, sz:sz + ssz].reshape(world, b, h, d, dv + 1)
-
-    # Prefix combine: state after token start-1. Started from a zero that is part of the graph, so
+    # U: the shard's final state from zero, Σ_{i in the last document} exp(Σ_{j=i+1..e-1} g_j) β_i φ(k_i) v_iᵀ.
+    last_doc = torch.ones(1, n, dtype=acc, device=q.device) if seg is None else (seg == seg[:, -1:]).to(acc)
+    to_end = (torch.exp(g64.sum(-1, keepdim=True) - torch.cumsum(g64, -1)).to(acc) * last_doc)[..., None]
+    u = (kb * to_end).transpose(-1, -2) @ v_aug  # (B, H, d, dv+1)
+    gathered = gather_summaries(torch.cat([a.reshape(-1), u.reshape(-1)]), group)  # the only communication
+    a_all = gathered[:, :b * h].reshape(world, b, h, 1, 1)
+    u_all = gathered[:, b * h:].reshape(world, b, h, d, dv + 1)
+    # Prefix combine: the state after token start-1. Started from a zero that is part of the graph, so
     # every rank's backward reaches the all-reduce (rank 0 included).
     state_in = u_all[0] * 0.0
     for j in range(rank):
         state_in = a_all[j] * state_in + u_all[j]
+    state_in = state_in * first_continues  # it reaches the first document only if that began earlier
+    local_cu = window_cu_seqlens(cu_seqlens, start, n)
+    if local_cu is not None:  # one initial state per local document: the incoming one, then zeros
+        local_cu = local_cu.to(q.device)
+        state_in = torch.cat([state_in, state_in.new_zeros(local_cu.numel() - 2, h, d, dv + 1)])
+    initial = DAState.from_augmented(state_in)
+    return differential_attention(q, k, v, g.to(q.dtype), causal=True, feature_map=feature_map, eps=eps,
+                                  cu_seqlens=local_cu, chunk_size=chunk_size, backend=backend,
+                                  initial_state=DAState(initial.S.contiguous(), initial.z.contiguous()))
+
+
+def _shard_documents(cu_seqlens, start: int, n: int, device):
+    """(document index of each local token (1, n) or None, 1.0 if a document starts in [start, start+n)
+    else 0.0, 1.0 if the shard's first document began on an earlier rank else 0.0), without a host sync."""
+    if cu_seqlens is None:
+        return None, float(start == 0), float(start > 0)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seg = (torch.searchsorted(cu, torch.arange(start, start + n, device=device), right=True) - 1)[None]
+    inside = (cu >= start) & (cu < start + n)
+    return seg, inside.any().to(torch.float64), 1.0 - (cu == start).any().to(torch.float64)
+
+
+def _bidirectional(q, kb, v_aug, g, g64, a, seg, first_continues, feature_map, eps, chunk_size, group):
+    """The bidirectional form on the torch scan: the causal and the anti-causal sums of the shard,
+    plus the states entering from the left (prefix combine) and from the right (suffix combine)."""
+    rank, world = _group_info(group)
+    b, h, n, d = q.shape
+    dv = v_aug.shape[-1] - 1
+    acc = kb.dtype
+    fq = feature_map_fn(q.to(acc), feature_map)
+    num, u_fwd = _scan(fq, kb, v_aug, g, seg, chunk_size, strict=False)
+    g_next = torch.cat([g[..., 1:], torch.zeros_like(g[..., :1])], dim=-1)
+    anti, u_rev = _scan(_flip(fq), _flip(kb), _flip(v_aug), _flip(g_next),
+                        None if seg is None else _flip(seg, 1), chunk_size, strict=True)
+    num = num + _flip(anti)
+    # u_rev = Σ_i exp(Σ_{j=s+1..i} g_j) k_i v_iᵀ over the first document; U' adds g_s.
+    u_bwd = u_rev * torch.exp(g[..., 0])[..., None, None] * first_continues
+
+    gathered = gather_summaries(torch.cat([a.reshape(-1), u_fwd.reshape(-1), u_bwd.reshape(-1)]), group)
+    sz, ssz = b * h, b * h * d * (dv + 1)
+    a_all = gathered[:, :sz].reshape(world, b, h, 1, 1)
+    u_all = gathered[:, sz:sz + ssz].reshape(world, b, h, d, dv + 1)
+    ub_all = gathered[:, sz + ssz:].reshape(world, b, h, d, dv + 1)
+
+    state_in = u_all[0] * 0.0
+    for j in range(rank):
+        state_in = a_all[j] * state_in + u_all[j]
     first_doc = torch.ones(1, n, dtype=acc, device=q.device) if seg is None else (seg == seg[:, :1]).to(acc)
-    decay_in = torch.exp(torch.cumsum(g64, -1)).to(acc) * first_doc * (1.0 if first_continues else 0.0)  # exp(Σ_{s..t} g)
+    decay_in = torch.exp(torch.cumsum(g64, -1)).to(acc) * first_doc * first_continues  # exp(Σ_{s..t} g)
     num = num + (fq * decay_in[..., None]) @ state_in
 
-    if not causal:
-        ub_all = gathered[:, sz + ssz:].reshape(world, b, h, d, dv + 1)
-        state_right = ub_all[world - 1] * 0.0
-        for j in range(world - 1, rank, -1):
-            state_right = a_all[j] * state_right + ub_all[j]
-        last_doc = torch.ones(1, n, dtype=acc, device=q.device) if seg is None else (seg == seg[:, -1:]).to(acc)
-        to_end = (g64.sum(-1, keepdim=True) - torch.cumsum(g64, -1)).clamp(max=0.0)  # Σ_{j=t+1..e-1} g_j
-        num = num + (fq * (torch.exp(to_end).to(acc) * last_doc)[..., None]) @ state_right
-
+    state_right = ub_all[world - 1] * 0.0
+    for j in range(world - 1, rank, -1):
+        state_right = a_all[j] * state_right + ub_all[j]
+    last_doc = torch.ones(1, n, dtype=acc, device=q.device) if seg is None else (seg == seg[:, -1:]).to(acc)
+    to_end = (g64.sum(-1, keepdim=True) - torch.cumsum(g64, -1)).clamp(max=0.0)  # Σ_{j=t+1..e-1} g_j
+    num = num + (fq * (torch.exp(to_end).to(acc) * last_doc)[..., None]) @ state_right
     o = num[..., :dv] / (num[..., dv:] + eps)
     return o.to(q.dtype)
 
@@ -320,79 +356,63 @@ def _scan(q, k, v, g, seg, chunk_size, *, strict):
 
 
 # --------------------------------------------------------------------------------------------------
-# PDE diffusion and flow encoder halos
+# How the model's layers use it
 
 
-def cp_pde_diffusion(pde, u: torch.Tensor, cu_seqlens: torch.Tensor | None = None, group=None) -> torch.Tensor:
-    """`PDEDiffusion` on this rank's shard u (B, N_local, C): exchange a halo of max(S)·K tokens (both
-    sides for the symmetric stencil), run the layer on the window with the global document edges, keep
-    the shard. Halo tokens near the window's ends are wrong, but an error moves max(S) tokens per step,
-    so after K steps it has not reached the shard."""
-    rank, world = _group_info(group)
-    n = u.shape[1]
-    _check_global_cu(cu_seqlens, n * world, u.shape[0])
-    halo = max(pde.scales) * pde.steps
-    right = halo if pde.stencil == "symmetric" else 0
-    window = exchange_halo(u, halo, right, group)
-    lh = halo if rank > 0 else 0
-    out = pde(window, window_cu_seqlens(cu_seqlens, rank * n - lh, window.shape[1]))
-    return out[:, lh:lh + n]
+class ContextParallel:
+    """The CP context `parallelize` hands to the DA layers, their flow encoders and the PDE layer
+    (their `context_parallel` attribute): what a layer asks for to run on this rank's shard."""
 
+    def __init__(self, group):
+        self.group = group
 
-def cp_flow_encoder(flow, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, group=None) -> torch.Tensor:
-    """`FlowEncoder` (Δ, (B, N_local, H)) on this rank's shard, with the 3-token halo its causal conv needs."""
-    rank, world = _group_info(group)
-    n = x.shape[1]
-    _check_global_cu(cu_seqlens, n * world, x.shape[0])
-    window = exchange_halo(x, FLOW_HALO, 0, group)
-    lh = FLOW_HALO if rank > 0 else 0
-    return flow(window, window_cu_seqlens(cu_seqlens, rank * n - lh, window.shape[1]))[:, lh:]
+    def halo(self, x: torch.Tensor, left: int, right: int, cu_seqlens: torch.Tensor | None):
+        """(window, the window's document boundaries, offset of the shard in the window): the shard x
+        (B, N_local, ·) with `left` tokens of the previous rank and `right` of the next; the boundaries
+        come from the GLOBAL `cu_seqlens`, so document edges sit where they would on one rank."""
+        rank, world = _group_info(self.group)
+        n = x.shape[1]
+        _check_global_cu(cu_seqlens, n * world, x.shape[0])
+        window = exchange_halo(x, left, right, self.group)
+        offset = left if rank > 0 else 0
+        return window, window_cu_seqlens(cu_seqlens, rank * n - offset, window.shape[1]), offset
 
-
-def cp_attention_layer(layer, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, group=None) -> torch.Tensor:
-    """`DifferentialAttentionLayer.forward` on this rank's shard x (B, N_local, d_model) under CP (the
-    module's own parameters; what the training integration calls in place of `layer(x, cu_seqlens)`)."""
-    b, n, _ = x.shape
-    q, k, v = layer.qkv(x).view(b, n, layer.n_heads, 3, layer.head_dim).permute(3, 0, 2, 1, 4)
-    g = -(cp_flow_encoder(layer.flow, x, cu_seqlens, group) * F.softplus(layer.rho)).transpose(1, 2)
-    c = layer.config
-    o = cp_differential_attention(
-        q, k, v, g, causal=c.causal, feature_map=c.feature_map, eps=c.da_eps, cu_seqlens=cu_seqlens,
-        chunk_size=c.chunk_size, group=group,
-    )
-    return layer.out(o.transpose(1, 2).reshape(b, n, layer.n_heads * layer.head_dim))
-
-
-class _Unpatched:
-    """The module as it was before `apply_context_parallel`: its attributes, its original forward."""
-
-    def __init__(self, module, forward):
-        self._module, self._forward = module, forward
-
-    def __call__(self, *args, **kwargs):
-        return self._forward(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
+    def differential_attention(self, q, k, v, g, *, cu_seqlens, **op):
+        return cp_differential_attention(q, k, v, g, cu_seqlens=cu_seqlens, group=self.group, **op)
 
 
 def apply_context_parallel(model, group) -> None:
-    """Make a FluidLM run on this rank's shard of every sequence (parallelism applied from outside,
-    parameters and their names untouched): the PDE layer and every DA layer switch to their CP forms.
-    Callers then pass the rank's shard of tokens with the GLOBAL cu_seqlens."""
-    from fluidlm.model.attention import DifferentialAttentionLayer
-
-    if model.config.attention != "da":
+    """Make a FluidLM (or one of its layers) run on this rank's shard of every sequence: every
+    module with a `context_parallel` attribute (DA layers, flow encoders, the PDE layer) gets the CP
+    context. Callers then pass the rank's shard of tokens with the GLOBAL cu_seqlens."""
+    if getattr(getattr(model, "config", None), "attention", "da") != "da":
         raise ValueError("context parallelism needs attention='da' (the softmax baseline has no CP path)")
-    if model.pde is not None:
-        pde, original = model.pde, model.pde.forward
-        pde.forward = lambda u, cu_seqlens=None: cp_pde_diffusion(_Unpatched(pde, original), u, cu_seqlens, group)
+    context = None if group is False else ContextParallel(group)
     for module in model.modules():
-        if isinstance(module, DifferentialAttentionLayer):
-            module.forward = (lambda layer: lambda x, cu_seqlens=None: cp_attention_layer(layer, x, cu_seqlens, group))(module)
+        if hasattr(module, "context_parallel"):
+            module.context_parallel = context
+
+
+def _on_shard(module, x, cu_seqlens, group):
+    apply_context_parallel(module, group)
+    try:
+        return module(x, cu_seqlens)
+    finally:
+        apply_context_parallel(module, False)
+
+
+def cp_pde_diffusion(pde, u: torch.Tensor, cu_seqlens: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """`PDEDiffusion` on this rank's shard u (B, N_local, C) under CP (tests and benchmarks)."""
+    return _on_shard(pde, u, cu_seqlens, group)
+
+
+def cp_attention_layer(layer, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """`DifferentialAttentionLayer` on this rank's shard x (B, N_local, d_model) under CP (tests)."""
+    return _on_shard(layer, x, cu_seqlens, group)
 
 
 __all__ = [
-    "apply_context_parallel", "CommStats", "comm_stats", "cp_attention_layer", "cp_differential_attention", "cp_flow_encoder",
-    "cp_pde_diffusion", "exchange_halo", "gather_summaries", "shard_range", "shard_sequence", "window_cu_seqlens",
+    "apply_context_parallel", "CommStats", "comm_stats", "ContextParallel", "cp_attention_layer",
+    "cp_differential_attention", "cp_pde_diffusion", "exchange_halo", "gather_summaries", "shard_range",
+    "shard_sequence", "window_cu_seqlens",
 ]

@@ -1,23 +1,23 @@
-"""Pipeline parallelism with DeepSpeed's `PipelineModule` (1F1B), docs/design.md §3–4.
+"""Pipeline parallelism with DeepSpeed's `PipelineModule` (1F1B), docs/design.md §4.
 
-The model as a flat list of layer specs, every layer taking and returning the tuple
-`(activations, document starts)`:
+The stages are cut from the FluidLM itself: every pipeline layer holds the model's own modules (the
+same parameter objects, under the same names as in the flat model minus the block index), so no
+second implementation of a block, a norm or the loss exists:
 
-    TokenEmbedding (tied) → PDEStage → n_layers × BlockStage → FinalNorm → TokenEmbedding as LM head (tied)
+    embed (tied) → pde → blocks[0] … blocks[L-1] → norm → embed as LM head (tied)
 
-- The document starts travel as a (B, N) bool tensor rather than `cu_seqlens`: DeepSpeed fixes
-  the shapes of inter-stage tensors after the first micro-batch, and the number of documents
-  changes from batch to batch. Each layer derives `cu_seqlens` from it.
-- The embedding and the LM head are one `TiedLayerSpec`: the first and the last stage each hold
-  a copy and DeepSpeed all-reduces their gradients. The last stage returns (hidden, tied weight);
-  the loss function runs the LM head in chunks (`chunked_cross_entropy`), vocabulary-parallel
-  under TP, so no stage materialises N × vocabulary logits.
+- Every pipeline layer takes and returns `(activations, document starts)`. The starts travel as a
+  (B, N) bool tensor rather than `cu_seqlens`: DeepSpeed fixes the shapes of inter-stage tensors
+  after the first micro-batch, and the number of documents changes from batch to batch.
+- The embedding and the LM head are one `TiedLayerSpec`: the first and the last stage each hold it
+  and DeepSpeed all-reduces their gradients. The last stage returns (hidden, tied weight); the loss
+  runs the LM head in chunks (`chunked_cross_entropy`), vocabulary-parallel under TP, so no stage
+  materialises N × vocabulary logits.
 - The PDE layer is on the first stage; blocks are balanced across stages (`type:BlockStage`).
 - Activation checkpointing inside stages uses torch's non-reentrant checkpoint, which saves and
-  restores the RNG state itself: one RNG mechanism for recompute everywhere (no second tracker to
-  fall out of step with megatron-core's).
-- Weights are cut from the dense model of the same seed (`load_dense`), so every layout starts
-  from the same model; each pipeline layer knows its dense prefix.
+  restores the RNG state itself: one RNG mechanism for recompute everywhere.
+- Every process builds the whole FluidLM (from the seed, as every layout does) and its stage keeps
+  the modules it runs; the others are never moved to the device.
 """
 
 from __future__ import annotations
@@ -26,65 +26,64 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fluidlm.model.config import ModelConfig
-from fluidlm.model.fluid import FluidBlock, chunked_cross_entropy
-from fluidlm.model.pde import PDEDiffusion
-from fluidlm.parallel.tensor import shard_state_dict
+from fluidlm.model.fluid import FluidLM, chunked_cross_entropy
 
 
 def cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """(1, N) bool document starts (position 0 included) → cu_seqlens [0, …, N]."""
+    """(B, N) bool document starts (every row's position 0 included) → cu_seqlens [0, …, B·N] over the
+    flattened tokens. `nonzero` synchronises with the device: call it on host tensors where you can."""
     positions = starts.reshape(-1).nonzero().flatten()
     return torch.cat([positions, positions.new_tensor([starts.numel()])]).to(torch.int64)
 
 
-class TokenEmbedding(nn.Module):
-    dense_prefix = ""  # holds `embed.weight`, as the dense model does
+class _Stage(nn.Module):
+    """A pipeline layer holding some of the model's modules under their own names."""
 
-    def __init__(self, config: ModelConfig, layers):
+    def __init__(self, **modules: nn.Module):
         super().__init__()
-        self.embed = layers.embedding(config.vocab_size, config.d_model, init_std=config.init_std)
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+class EmbeddingStage(_Stage):
+    def __init__(self, model: FluidLM):
+        super().__init__(embed=model.embed)
 
     def forward(self, inputs):
         tokens, starts = inputs
         return self.embed(tokens), starts
 
 
-def lm_head(module: TokenEmbedding, inputs):
+def lm_head(stage: EmbeddingStage, inputs):
     """The tied embedding's second use, on the last stage: hand the loss its weight."""
     hidden, _starts = inputs
-    return hidden, module.embed.weight
+    return hidden, stage.embed.weight
 
 
-class PDEStage(nn.Module):
-    dense_prefix = ""  # holds `pde.*`
-
-    def __init__(self, config: ModelConfig, layers):
-        super().__init__()
-        p = config.pde
-        self.pde = PDEDiffusion(config.d_model, p.scales, p.steps, config.causal, p.theta_init, layers, config.init_std)
+class PDEStage(_Stage):
+    def __init__(self, model: FluidLM):
+        super().__init__(pde=model.pde)
 
     def forward(self, inputs):
         x, starts = inputs
         return self.pde(x, cu_seqlens_from_starts(starts)), starts
 
 
-class BlockStage(FluidBlock):
-    def __init__(self, config: ModelConfig, layers, index: int):
-        super().__init__(config, layers)
-        self.dense_prefix = f"blocks.{index}."
+class BlockStage(_Stage):
+    """`model.blocks[index]`: its children are this layer's (names `attn.*`, `ffn.*`, …)."""
+
+    def __init__(self, model: FluidLM, index: int):
+        super().__init__(**dict(model.blocks[index].named_children()))
+        object.__setattr__(self, "block", model.blocks[index])  # its forward, not a second registration
 
     def forward(self, inputs):
         x, starts = inputs
-        return super().forward(x, cu_seqlens_from_starts(starts)), starts
+        return self.block(x, cu_seqlens_from_starts(starts)), starts
 
 
-class FinalNorm(nn.Module):
-    dense_prefix = ""  # holds `norm.weight`
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+class NormStage(_Stage):
+    def __init__(self, model: FluidLM):
+        super().__init__(norm=model.norm)
 
     def forward(self, inputs):
         x, starts = inputs
@@ -105,28 +104,26 @@ def _checkpoint(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
 
 
-def build_pipeline(config: ModelConfig, layers, topology, *, chunk_tokens: int, activation_checkpointing: bool):
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+def stage_specs(model: FluidLM) -> list:
+    """DeepSpeed layer specs of the model, in order (each builds a layer holding the model's modules)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    specs = [TiedLayerSpec("embed", TokenEmbedding, config, layers, tied_weight_attr="embed.weight")]
-    if config.pde.enabled:
-        specs.append(LayerSpec(PDEStage, config, layers))
-    specs += [LayerSpec(BlockStage, config, layers, i) for i in range(config.n_layers)]
-    specs += [LayerSpec(FinalNorm, config),
-              TiedLayerSpec("embed", TokenEmbedding, config, layers, forward_fn=lm_head, tied_weight_attr="embed.weight")]
+    specs = [TiedLayerSpec("embed", EmbeddingStage, model, tied_weight_attr="embed.weight")]
+    if model.pde is not None:
+        specs.append(LayerSpec(PDEStage, model))
+    specs += [LayerSpec(BlockStage, model, i) for i in range(len(model.blocks))]
+    specs += [LayerSpec(NormStage, model),
+              TiedLayerSpec("embed", EmbeddingStage, model, forward_fn=lm_head, tied_weight_attr="embed.weight")]
+    return specs
+
+
+def pipeline_module(model: FluidLM, topology, *, chunk_tokens: int, activation_checkpointing: bool):
+    """This process's stage of `model` as a DeepSpeed PipelineModule."""
+    from deepspeed.pipe import PipelineModule
+
     return PipelineModule(
-        layers=specs, topology=topology, loss_fn=PipelineLoss(layers, chunk_tokens),
+        layers=stage_specs(model), topology=topology, loss_fn=PipelineLoss(model.parallel, chunk_tokens),
         partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=_checkpoint, checkpointable_layers=["BlockStage"],
     )
-
-
-def load_dense(pipe: nn.Module, dense_state: dict, tp_rank: int, tp_size: int) -> None:
-    """Give every layer of this stage its weights from the dense model's state dict."""
-    for module in pipe.modules():
-        prefix = getattr(module, "dense_prefix", None)
-        if prefix is None:
-            continue
-        sub = {k[len(prefix):]: v for k, v in dense_state.items() if k.startswith(prefix)}
-        module.load_state_dict(shard_state_dict(sub, module, tp_rank, tp_size), strict=False)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fluidlm.parallel.layers import DenseLayers
+from fluidlm.model.layers import DenseLayers
 
 
 def _column_class():

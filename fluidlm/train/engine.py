@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fluidlm.parallel.layers import DenseLayers
 from fluidlm.parallel.pipeline import cu_seqlens_from_starts
 from fluidlm.parallel.topology import Layout
 from fluidlm.train.config import Config
@@ -141,42 +140,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: Config, dist_info: DistInfo) -> tuple[nn.Module, int]:
-    """This rank's model and the whole model's parameter count. Every layout cuts its share from
-    the dense model built from the seed: one seed, one model, whatever the layout. PP > 1 gives a
-    DeepSpeed PipelineModule (this stage's layers), TP > 1 megatron-core layers."""
+    """This rank's module (what DeepSpeed wraps) and the whole model's parameter count: the dense
+    model built from the seed, parallelised for the layout (fluidlm/parallel/parallelize.py)."""
     from fluidlm.model import FluidLM
+    from fluidlm.parallel.parallelize import parallelize
 
     seed_everything(config.train.seed)
     model = FluidLM(config.model)
-    num_params = model.num_parameters()
-    layout = dist_info.layout
-    if not dist_info.model_parallel:
-        model.activation_checkpointing = config.train.activation_checkpointing
-        return LossModule(model, config.train.loss_chunk_tokens), num_params
-    from fluidlm.parallel.tensor import TensorParallelLayers, shard_state_dict
-
-    layers = TensorParallelLayers() if layout.tp > 1 else DenseLayers()
-    dense_state = model.state_dict()
-    if layout.pp > 1:
-        from fluidlm.parallel.pipeline import build_pipeline, load_dense
-
-        pipe = build_pipeline(config.model, layers, dist_info.topology, chunk_tokens=config.train.loss_chunk_tokens,
-                              activation_checkpointing=config.train.activation_checkpointing)
-        load_dense(pipe, dense_state, layers.tp_rank, layers.tp_size)
-        return pipe, num_params
-    sharded = FluidLM(config.model, layers)
-    sharded.load_state_dict(shard_state_dict(dense_state, sharded, layers.tp_rank, layers.tp_size),
-                            strict=False)  # strict=False: megatron's `_extra_state` entries
-    sharded.activation_checkpointing = config.train.activation_checkpointing
-    cp_group = None
-    if layout.cp > 1:
-        from megatron.core import parallel_state as ps
-
-        from fluidlm.parallel.context import apply_context_parallel
-
-        cp_group = ps.get_context_parallel_group()
-        apply_context_parallel(sharded, cp_group)
-    return LossModule(sharded, config.train.loss_chunk_tokens, cp_group), num_params
+    return parallelize(model, dist_info.layout, config.train, dist_info.topology), model.num_parameters()
 
 
 # --- parameters, optimizer, schedule ----------------------------------------------------------
@@ -247,32 +218,6 @@ def deepspeed_config(config: Config, dist_info: DistInfo) -> dict:
     return ds
 
 
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: forward returns the mean loss over the scored targets (the next
-    tokens, or the masked positions for masked_lm; -100 = unscored). The FluidLM is `.model`
-    (checkpoint keys are therefore prefixed with `model.`).
-
-    Under context parallelism each rank holds a shard of the tokens: it returns
-    cp × (its loss sum) / (the CP group's token count), so that DeepSpeed's gradient average over
-    its data-parallel group (DP × CP ranks) sums the CP shares and averages the DP replicas."""
-
-    def __init__(self, model: nn.Module, chunk_tokens: int, cp_group=None):
-        super().__init__()
-        self.model = model
-        self.chunk_tokens = chunk_tokens
-        self.cp_group = cp_group
-
-    def forward(self, tokens, targets, cu_seqlens=None):
-        if self.cp_group is None:
-            return self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens)
-        import torch.distributed as dist
-
-        loss_sum = self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens, reduction="sum")
-        count = (targets != -100).sum().to(torch.float64)
-        dist.all_reduce(count, group=self.cp_group)
-        return loss_sum * dist.get_world_size(self.cp_group) / count.clamp(min=1).to(loss_sum.dtype)
-
-
 def build_engine(config: Config, module: nn.Module, dist_info: DistInfo):
     """deepspeed.initialize with our param groups and schedule; returns the engine (a
     PipelineEngine when `module` is a PipelineModule)."""
@@ -298,18 +243,18 @@ def _mpu():
     return MegatronMPU()
 
 
-def flatten_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)} → (inputs, targets, resets), each
-    (1, B·L): the micro-batch as one row, the attention state reset at every sample start and every
-    document start, so no document (and no sample) sees another."""
+    (B, L): the attention state resets at every row start and every document start, so no document
+    (and no row) sees another."""
     tokens, starts = batch["tokens"], batch["doc_starts"]
     resets = starts[:, :-1].clone()
     resets[:, 0] = True
-    return tokens[:, :-1].reshape(1, -1), tokens[:, 1:].reshape(1, -1), resets.reshape(1, -1)
+    return tokens[:, :-1], tokens[:, 1:], resets
 
 
 class Objective:
-    """Turns a flattened micro-batch into the model's (inputs, targets) for train.objective:
+    """Turns a micro-batch into the model's (inputs, targets) for train.objective:
     causal_lm: as they are (targets = the next tokens); masked_lm: BERT's masking of the inputs
     (fluidlm/model/objective.py), targets = the original tokens at the selected positions, -100
     elsewhere. The masks come from a generator seeded by (train.seed, step, dp_rank, micro-batch):
@@ -334,28 +279,29 @@ class Objective:
 
 def batch_to_inputs(batch: dict, device: torch.device, cp: int = 1, cp_rank: int = 0, objective: Objective | None = None,
                     step: int = 0, micro: int = 0):
-    """(inputs (1, B·L), targets (1, B·L), cu_seqlens) of a loader batch (see `flatten_batch`),
-    shaped by `objective` (None = next token) for micro-batch `micro` of step `step`.
-    Under context parallelism (cp > 1) inputs and targets are this rank's contiguous 1/cp of the
-    row; cu_seqlens stays global."""
-    inputs, targets, resets = flatten_batch(batch)
+    """(inputs (B, L), targets (B, L), cu_seqlens) of a loader batch (see `split_batch`), shaped by
+    `objective` (None = next token) for micro-batch `micro` of step `step`; cu_seqlens packs the rows'
+    documents along the flattened B·L tokens (computed on the host: no device sync).
+    Under context parallelism (cp > 1) the micro-batch becomes one row (1, B·L) and inputs and targets
+    are this rank's contiguous 1/cp of it; cu_seqlens stays global."""
+    inputs, targets, resets = split_batch(batch)
     if objective is not None:
         inputs, targets = objective(inputs, targets, step, micro)
     cu_seqlens = cu_seqlens_from_starts(resets)
     if cp > 1:
         from fluidlm.parallel.context import shard_sequence
 
-        inputs, targets = shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp)
+        inputs, targets = (shard_sequence(x.reshape(1, -1), cp_rank, cp) for x in (inputs, targets))
     return (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), cu_seqlens.to(device))
 
 
 def pipeline_batches(batches, device, micro_batches: int, objective: Objective | None = None, step: int = 0):
     """`micro_batches` loader batches as DeepSpeed's pipeline engine wants them:
-    ((inputs, resets), targets), flattened as `flatten_batch` does and shaped by `objective`; the
-    resets travel between the stages as a fixed-shape tensor (fluidlm/parallel/pipeline.py). The
+    ((inputs, resets), targets), each (B, L) as `split_batch` gives them and shaped by `objective`;
+    the resets travel between the stages as a fixed-shape tensor (fluidlm/parallel/pipeline.py). The
     first and the last stage each read the batches and draw the same masks."""
     for micro in range(micro_batches):
-        inputs, targets, resets = flatten_batch(next(batches))
+        inputs, targets, resets = split_batch(next(batches))
         if objective is not None:
             inputs, targets = objective(inputs, targets, step, micro)
         yield (inputs.to(device), resets.to(device)), targets.to(device)
