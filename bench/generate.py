@@ -10,9 +10,9 @@ OS and RSS tracks live tensors (the default heap keeps the prefill's freed block
 tokens/s, decode peak RSS above the loaded model (what decoding holds: DA's state, softmax's
 activations of the whole sequence), the process's peak RSS, and DA's state size.
 
-The softmax baseline has no KV cache yet (fluidlm.generate._softmax_step reruns the full forward on
-the growing sequence): its decode cost grows with the context, so it decodes fewer tokens at long
-prompts (--softmax-tokens); its per-token numbers are for that full recompute.
+Both decode through FluidLM.forward_stream (what `fluidlm generate` runs), the prompt in --chunk
+pieces: DA carries its recurrent state, the softmax baseline a KV cache (keys after RoPE and
+values, per layer); "state KiB" is what each carries after the last token.
 
     python bench/generate.py                              # 1k, 8k, 32k; writes bench/results/generate_cpu.{md,json}
     python bench/generate.py --lengths 1024 --new-tokens 8 --out /tmp/g
@@ -55,6 +55,8 @@ def state_bytes(state) -> int:
             total += x.numel() * x.element_size()
         elif isinstance(x, dict):
             stack.extend(x.values())
+        elif hasattr(x, "__dataclass_fields__"):  # StreamCache
+            stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
     return total
@@ -65,7 +67,7 @@ def run_point(args) -> dict:
 
     import torch
 
-    from fluidlm.generate import _da_step, _softmax_step, sample_next
+    from fluidlm.generate import _stream_step, sample_next
     from fluidlm.model import FluidLM, ModelConfig
 
     torch.set_num_threads(args.threads)
@@ -73,12 +75,12 @@ def run_point(args) -> dict:
     config = ModelConfig.model_validate({**tiny_model_config(args.config), "attention": args.attention})
     model = FluidLM(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    step = _da_step if args.attention == "da" else _softmax_step
+    step = _stream_step
     with torch.no_grad():
         step(model, prompt[:, :8], None)  # warm-up
         baseline = rss_mib()
         t0 = time.perf_counter()
-        state, chunk = None, args.chunk if args.attention == "da" else args.prompt
+        state, chunk = None, args.chunk
         for s in range(0, args.prompt, chunk):
             logits, state = step(model, prompt[:, s:s + chunk], state)
         token = sample_next(logits[0, -1])
@@ -109,7 +111,7 @@ def run_point(args) -> dict:
             "first_ms": 1000 * times[0], "last_ms": 1000 * times[-1],
             "decode_peak_above_model_mib": peak[0] - baseline, "process_peak_rss_mib":
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "model_rss_mib": baseline,
-            "state_bytes": state_bytes(state) if args.attention == "da" else None,
+            "state_bytes": state_bytes(state),
             "params": model.num_parameters()}
 
 
@@ -156,6 +158,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def kib(r: dict) -> str:
+    return f"{r['state_bytes'] / 2**10:,.0f}" if r.get("state_bytes") else r.get("error", "")
+
+
 def fmt_k(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -163,10 +169,7 @@ def fmt_k(n: int) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,8192,32768", help="prompt lengths")
-    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens measured after each prompt (DA)")
-    p.add_argument("--softmax-tokens", default="1024:32,8192:8,32768:2",
-                   help="softmax (full recompute): tokens measured per prompt length, LEN:TOKENS,...; a length "
-                        "missing here is not run")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens measured after each prompt")
     p.add_argument("--chunk", type=int, default=1024, help="DA prompt tokens per forward_stream call")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared, loaded 2-core machine two "
                                                           "threads make single-token steps erratic)")
@@ -187,14 +190,10 @@ def main():
         return write_report(args, saved["title"], saved["command"], saved["model"], lengths, saved["points"])
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    softmax_tokens = {int(a): int(b) for a, b in (item.split(":") for item in args.softmax_tokens.split(",") if item)}
     load_before = os.getloadavg()
     points = []
     for n in lengths:
-        for attention, new in (("da", args.new_tokens), ("softmax", softmax_tokens.get(n))):
-            if new is None:
-                points.append({"attention": attention, "prompt": n, "error": "not run (full recompute too slow)"})
-                continue
+        for attention, new in (("da", args.new_tokens), ("softmax", args.new_tokens)):
             r = measure(args, attention, n, new)
             points.append(r)
             print(f"  {attention:>7} prompt={n:>6}: {r}", file=sys.stderr, flush=True)
@@ -213,11 +212,11 @@ def main():
 
 def write_report(args, title, command, model_cfg, lengths, points):
     by = {(r["attention"], r["prompt"]): r for r in points}
-    lines = [title, "", "DA: greedy decoding through forward_stream (recurrent state). Softmax: no KV cache yet, every "
-             "token reruns the full forward on the whole sequence (fluidlm.generate._softmax_step).", "",
+    lines = [title, "", "Greedy decoding through FluidLM.forward_stream: DA carries its recurrent state, softmax a KV "
+             "cache.", "",
              "| prompt | DA ms/token (median) | softmax ms/token (median) | DA tok/s | softmax tok/s | DA speed-up | DA decode MiB "
-             "| softmax decode MiB | DA peak RSS MiB | softmax peak RSS MiB | DA prefill s | softmax prefill s "
-             "| tokens measured (DA / softmax) |", "|" + "---|" * 13]
+             "| softmax decode MiB | DA state KiB | softmax state KiB | DA peak RSS MiB | softmax peak RSS MiB "
+             "| DA prefill s | softmax prefill s | tokens measured |", "|" + "---|" * 15]
     for n in lengths:
         d, s = by[("da", n)], by[("softmax", n)]
         def g(r, key, f="{:.1f}"):
@@ -228,16 +227,14 @@ def write_report(args, title, command, model_cfg, lengths, points):
         lines.append(f"| {fmt_k(n)} | {ms(d)} | {ms(s)} "
                      f"| {g(d, 'decode_tokens_per_s', '{:.3g}')} | {g(s, 'decode_tokens_per_s', '{:.3g}')} | {speed} "
                      f"| {g(d, 'decode_peak_above_model_mib')} | {g(s, 'decode_peak_above_model_mib')} "
+                     f"| {kib(d)} | {kib(s)} "
                      f"| {g(d, 'process_peak_rss_mib', '{:.0f}')} | {g(s, 'process_peak_rss_mib', '{:.0f}')} "
                      f"| {g(d, 'prefill_s', '{:.2f}')} | {g(s, 'prefill_s', '{:.2f}')} "
-                     f"| {d.get('new_tokens', '-')} / {s.get('new_tokens', '-')} |")
-    da_state = next((r["state_bytes"] for r in points if r.get("state_bytes")), None)
+                     f"| {d.get('new_tokens', '-')} |")
     lines += ["", "decode MiB = peak RSS while decoding minus the RSS of the loaded model (sampled every 2 ms); peak RSS "
               "= the whole process (model, prompt and prefill included).",
-              f"DA's decoding state (DA states + flow-conv and PDE neighbours, all layers): "
-              f"{da_state / 2**10:.1f} KiB, whatever the prompt length." if da_state else "",
-              "The softmax column is the full recompute (no KV cache yet): with a cache its per-token cost would be "
-              "one token's attention over N cached keys, still growing with N; DA's is flat.",
+              "state KiB = the tensors forward_stream carries after the last token, all layers (DA: recurrent "
+              "states, flow-conv and PDE neighbours; softmax: the KV cache and the PDE neighbours).",
               "", f"command: {command}"]
     text = "\n".join(lines)
     print(text)

@@ -1,12 +1,14 @@
 """Text generation: `generate(model, prompt_ids, ...)` yields new token ids one at a time.
 
-- Causal DA: decodes through `FluidLM.forward_stream` (DA states, flow-conv prefix and PDE neighbours
-  carried in `state`): the prompt is consumed in chunks of `prompt_chunk` tokens, then one token per
-  step. Time per token and memory do not grow with the context, and prompts longer than the
+Every causal model decodes through `FluidLM.forward_stream(tokens, state) -> (logits, state)`: the
+prompt is consumed in chunks of `prompt_chunk` tokens, then one token per step.
+- DA: the state is the DA recurrent state, the flow conv's last inputs and the PDE layer's past
+  neighbours: time per token and memory do not grow with the context, and prompts longer than the
   model's `max_seq_len` are fine.
-- Softmax baseline: `_softmax_step`, which for now reruns the full forward on the growing sequence
-  (correct; O(N) work per token, the activations of N tokens in memory). It has forward_stream's
-  signature, (new tokens, state) → (logits, state), so a KV cache drops in there.
+- Softmax baseline: the state is a KV cache (per layer, keys after RoPE and values): each token
+  attends over the N cached ones, O(N) time and memory.
+- `_recompute_step` (same signature) reruns the full forward on the growing sequence instead: the
+  reference the cached paths are tested against.
 - Bidirectional (masked-LM) models cannot generate left to right: GenerateError.
 
 Sampling: temperature 0 = greedy (argmax; ties → the lowest id); otherwise logits / temperature,
@@ -54,31 +56,35 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _softmax_step(model, tokens: torch.Tensor, state=None):
-    """Softmax baseline decode step with forward_stream's contract: (tokens (1, n) new, state) →
-    (logits (1, n, vocab), state). For now the state is the whole sequence so far and every step
-    reruns the full forward on it (no KV cache yet); swap in a cached forward_stream here."""
+def _stream_step(model, tokens: torch.Tensor, state=None):
+    """(new tokens (1, n), state) → (logits (1, n, vocab), state): DA state or softmax KV cache."""
+    return model.forward_stream(tokens, state)
+
+
+def _recompute_step(model, tokens: torch.Tensor, state=None):
+    """forward_stream's contract without a cache: the state is the whole sequence so far and every
+    step reruns the full forward on it (O(N) work per token for DA too). The reference in tests."""
     seq = tokens if state is None else torch.cat([state, tokens], dim=1)
     hidden = model.hidden_states(seq)[:, -tokens.shape[1]:]  # the head only on the new tokens
     return model.parallel.lm_logits(hidden, model.embed.weight), seq
 
 
-def _da_step(model, tokens: torch.Tensor, state=None):
-    return model.forward_stream(tokens, state)
+STEPS = {"stream": _stream_step, "recompute": _recompute_step}
 
 
-def step_function(model):
-    config = model.config
-    check_generative(config)
-    return _da_step if config.attention == "da" else _softmax_step
+def step_function(model, mode: str = "stream"):
+    check_generative(model.config)
+    return STEPS[mode]
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-             prompt_chunk: int = PROMPT_CHUNK) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids after `prompt_ids` (stops after `eos_id` when given)."""
-    step = step_function(model)
+             prompt_chunk: int = PROMPT_CHUNK, mode: str = "stream") -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt_ids` (stops after `eos_id` when given).
+    `model` in eval mode (dropout would make greedy decoding random); `mode` "stream" (forward_stream)
+    or "recompute" (the full forward every step, the reference)."""
+    step = step_function(model, mode)
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise GenerateError("the prompt is empty: give at least one token")
@@ -92,9 +98,8 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temp
     generator.manual_seed(int(seed))
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     state = None
-    chunk = prompt_chunk if step is _da_step else ids.shape[1]  # the full forward takes the prompt at once
-    for start in range(0, ids.shape[1], chunk):
-        logits, state = step(model, ids[:, start:start + chunk], state)
+    for start in range(0, ids.shape[1], prompt_chunk):
+        logits, state = step(model, ids[:, start:start + prompt_chunk], state)
     for i in range(max_new_tokens):
         token = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield token

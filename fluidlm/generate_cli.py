@@ -8,10 +8,10 @@
 written by `fluidlm export`. The tokenizer is the training data's (as `fluidlm eval` finds it), the
 export's tokenizer.model, or --tokenizer. --prompt-ids takes token ids instead of text and prints ids.
 
-Causal DA models decode through the recurrent state (prompt in --prompt-chunk pieces, then one token
-at a time: constant memory, prompts longer than model.max_seq_len work). The softmax baseline reruns
-its full forward on the growing sequence for every token (no KV cache yet). Masked-LM (bidirectional)
-checkpoints cannot generate: exit 2. Exit 2 on any bad input, with a message and no traceback. The
+Causal models decode through FluidLM.forward_stream: the prompt in --prompt-chunk pieces, then one
+token at a time. DA carries its recurrent state (constant memory and time per token; prompts longer
+than model.max_seq_len work); the softmax baseline a KV cache (grows with the context). Masked-LM
+(bidirectional) checkpoints cannot generate: exit 2. Exit 2 on any bad input, with a message and no traceback. The
 generated text goes to stdout; a summary (tokens, tokens/s) to stderr.
 """
 
@@ -164,6 +164,6 @@ def run(args) -> int:
     end = time.perf_counter()
     rate = f", {(count - 1) / (end - first):.1f} tokens/s after the first" if count > 1 else ""
     print(f"[generate] {len(prompt)} prompt tokens, {count} new tokens in {end - start:.2f} s{rate} "
-          f"({model.config.attention}, {'recurrent state' if model.config.attention == 'da' else 'full recompute'})",
+          f"({model.config.attention}, {'recurrent state' if model.config.attention == 'da' else 'KV cache'})",
           file=sys.stderr)
     return 0

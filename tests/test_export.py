@@ -168,10 +168,12 @@ def test_bf16_export_and_refusals(exported, capsys):
     assert code == 0 and "no tokenizer copied" in err and "--tokenizer" in err
     assert not (exported["tmp"] / "bare" / "tokenizer.model").exists()
     # not an export
-    from fluidlm.export import ExportError
+    from fluidlm.export import ExportError, from_pretrained
 
-    with pytest.raises(ExportError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="no config.json .not a folder written by `fluidlm export`"):
         FluidLM.from_pretrained(exported["tmp"])
+    with pytest.raises(ExportError, match="no config.json"):
+        from_pretrained(exported["tmp"])
 
 
 def test_export_of_a_trained_zero1_checkpoint(tmp_path, capsys):

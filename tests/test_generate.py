@@ -1,7 +1,7 @@
 """Generation (issue 19): greedy decoding token by token equals the argmax of the full-context
-forward at every step (DA through forward_stream with PDE on, the prompt in chunks; softmax by full
-recompute), prompts longer than max_seq_len work for DA in constant state size, seeded sampling is
-reproducible, and `fluidlm generate` streams text, reads exports, and refuses bidirectional
+forward at every step (through forward_stream, the prompt in chunks: DA with PDE on, softmax with its
+KV cache; and the cache-free recompute reference), prompts longer than max_seq_len work for DA in
+constant state size, seeded sampling is reproducible, and `fluidlm generate` streams text, reads exports, and refuses bidirectional
 checkpoints and missing ones with exit 2."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def test_greedy_equals_full_context_argmax(attention):
     model = tiny_model(attention, seed=2)
     out = check_greedy_against_full_forward(model, PROMPT, 24, prompt_chunk=5)
     assert len(set(out)) > 1  # not a degenerate constant stream
+    assert check_greedy_against_full_forward(model, PROMPT, 24, mode="recompute") == out
 
 
 def test_da_prompt_longer_than_max_seq_len_in_constant_state():
@@ -51,15 +52,18 @@ def test_da_prompt_longer_than_max_seq_len_in_constant_state():
         with torch.no_grad():
             for s in range(0, len(prompt), 16):
                 _, state = model.forward_stream(torch.tensor([prompt[s:s + 16]]), state)
-        flat = [state["pde"]] + [list(b) for b in state["blocks"]]
-        total = 0
-        stack = flat
+        total, stack = 0, [state]
         while stack:
             x = stack.pop()
             if isinstance(x, torch.Tensor):
                 total += x.numel()
+            elif isinstance(x, dict):
+                stack.extend(x.values())
             elif isinstance(x, (list, tuple)):
                 stack.extend(x)
+            elif hasattr(x, "__dataclass_fields__"):  # the layers' StreamCache
+                stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
+        assert total > 0
         return total
 
     assert state_numel(long_prompt[:32]) == state_numel(long_prompt)  # the state does not grow with the context
@@ -188,10 +192,13 @@ def test_generate_benchmark_smoke(tmp_path):
     config.write_text("model:\n  vocab_size: 256\n  d_model: 32\n  n_layers: 1\n  n_heads: 2\n  head_dim: 16\n"
                       "  chunk_size: 16\n  max_seq_len: 64\n")
     proc = subprocess.run([sys.executable, "bench/generate.py", "--lengths", "96", "--new-tokens", "3",
-                           "--softmax-tokens", "96:2", "--chunk", "32", "--config", str(config),
+                           "--chunk", "32", "--config", str(config),
                            "--out", str(tmp_path / "g")], cwd=root, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "g.json").read_text())
-    assert [(r["attention"], r["prompt"], r["new_tokens"]) for r in result["points"]] == [("da", 96, 3), ("softmax", 96, 2)]
+    assert [(r["attention"], r["prompt"], r["new_tokens"]) for r in result["points"]] == [("da", 96, 3), ("softmax", 96, 3)]
+    da, softmax = result["points"]
+    # after 96 + 3 tokens the KV cache holds 2 × 99 × 32 floats per layer (+ the PDE neighbours); DA far less
+    assert softmax["state_bytes"] >= 2 * 99 * 32 * 4 > da["state_bytes"]
     assert all(r["decode_tokens_per_s"] > 0 and r["decode_peak_above_model_mib"] is not None for r in result["points"])
     assert "| 96 |" in (tmp_path / "g.md").read_text()

@@ -143,21 +143,20 @@ def is_export(path: str | Path) -> bool:
 
 
 def from_pretrained(path: str | Path, *, dtype=None, device="cpu"):
-    """The FluidLM (eval mode) of a folder written by `fluidlm export`. Weights are read with
-    safetensors (no pickle); bf16 exports are upcast into the fp32 model unless `dtype` is given."""
+    """The FluidLM (eval mode) of a folder written by `fluidlm export` (FluidLM.from_pretrained, which
+    reads config.json and model.safetensors without pickle); `dtype` a torch dtype or "fp32"/"bf16".
+    Raises ExportError naming the problem."""
     import torch
 
     from fluidlm.model import FluidLM
-    from fluidlm.model.config import ModelConfig
 
+    _safetensors()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, DTYPES.get(dtype, dtype))
     path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise ExportError(f"{path}: no {WEIGHTS} (not a folder written by `fluidlm export`)")
-    model = FluidLM(ModelConfig.model_validate(read_config(path)))
-    state = _safetensors().load_file(str(path / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{path}/{WEIGHTS} does not fit its {CONFIG} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if dtype is not None:
-        model = model.to(dtype if isinstance(dtype, torch.dtype) else getattr(torch, DTYPES.get(dtype, dtype)))
-    return model.to(device).eval()
+    try:
+        return FluidLM.from_pretrained(path, dtype=dtype, device=device)
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ExportError(f"{path}: the export does not load ({type(exc).__name__}: {str(exc)[:500]})") from None
