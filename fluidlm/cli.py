@@ -19,6 +19,8 @@ SUBCOMMANDS = [
     ("train", "fluidlm.train.cli"),
     ("eval", "fluidlm.eval.cli"),
     ("checkpoint", "fluidlm.train.checkpoint_cli"),
+    ("export", "fluidlm.export.cli"),
+    ("generate", "fluidlm.generate_cli"),
     ("launch", "fluidlm.launch.cli"),
 ]
 

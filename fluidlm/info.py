@@ -23,6 +23,8 @@ PACKAGES = [
     ("mlflow", "mlflow", False, "MLflow logging; without it training and eval warn once and keep metrics.jsonl / JSON"),
     ("fla", "fla-core", False, "the fla chunk_simple_gla peer in bench/da_gpu.py"),
     ("matplotlib", "matplotlib", False, "PNG plots of fluidlm eval and the benches (skipped with a warning)"),
+    ("safetensors", "safetensors", False, "fluidlm export and FluidLM.from_pretrained (pip install 'fluidlm[export]')"),
+    ("transformers", "transformers", False, "loading an export with AutoModelForCausalLM (not needed by fluidlm itself)"),
 ]
 TRITON_FLOOR = (3, 4)  # triton.knobs (used by fluidlm/kernels/triton_da.py) exists from Triton 3.4
 

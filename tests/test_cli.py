@@ -4,7 +4,7 @@ import sys
 
 def test_help_lists_the_subcommands():
     out = subprocess.run([sys.executable, "-m", "fluidlm", "--help"], capture_output=True, text=True, check=True)
-    for command in ("info", "data", "train", "eval", "checkpoint", "launch"):
+    for command in ("info", "data", "train", "eval", "checkpoint", "launch", "export", "generate"):
         assert command in out.stdout
 
 

@@ -1,6 +1,6 @@
 """The code's structure, as the design states it (docs/design.md, "Code layout"):
 
-- packages depend one way: kernels ← model ← parallel ← train / eval / launch; data stands alone;
+- packages depend one way: kernels ← model ← parallel ← train / eval / launch, eval ← export; data stands alone;
   no import cycle between packages (every import counted, also those inside functions);
 - `fluidlm/parallel/parallelize.py` is the only place outside `parallel/` that parallelism is applied from;
 - the pipeline's stages are the model's own modules (same parameter objects, the flat model's names).
@@ -23,6 +23,7 @@ ALLOWED = {
     "train": {"kernels", "model", "parallel", "data"},
     "eval": {"kernels", "model", "parallel", "data", "train"},
     "launch": {"kernels", "model", "parallel", "data", "train"},
+    "export": {"kernels", "model", "parallel", "data", "train", "eval"},
 }
 
 

@@ -70,6 +70,31 @@ class FluidLM(nn.Module):
         # Recompute each block in backward instead of storing its activations (long contexts).
         self.activation_checkpointing = False
 
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu") -> "FluidLM":
+        """The dense model (eval mode) of a folder written by `fluidlm export`: config.json (the model
+        config at its top level) and model.safetensors (read without pickle; bf16 weights are upcast
+        into the fp32 model unless `dtype` is given). Needs safetensors (pip install 'fluidlm[export]').
+        The loading lives here, not in fluidlm.export, so the model package imports nothing above it;
+        fluidlm.export.from_pretrained wraps it with the export's error messages."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: no {name} (not a folder written by `fluidlm export`)")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") != "fluidlm":
+            raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'fluidlm'")
+        model = cls(ModelConfig.model_validate({k: v for k, v in config.items() if k in ModelConfig.model_fields}))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))  # strict: every name, every shape
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device).eval()
+
     def hidden_states(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, N, d_model), before the LM head."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):

@@ -1,0 +1,162 @@
+"""`fluidlm export`: a checkpoint → a Hugging Face-style folder; and `from_pretrained` back.
+
+    DIR/model.safetensors          the dense weights under FluidLM's own names (tied embedding/head once)
+    DIR/config.json                transformers-style config: model_type, architectures, auto_map, and the
+                                   FluidLM model config (fluidlm/model/config.py) at the top level
+    DIR/generation_config.json     eos/bos ids, use_cache off
+    DIR/configuration_fluidlm.py   self-contained (transformers + torch only): AutoConfig
+    DIR/modeling_fluidlm.py        self-contained reference model: AutoModelForCausalLM(trust_remote_code=True)
+    DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found
+
+The checkpoint is read by evaluation's reader (fluidlm.eval.perplexity: any layout, ZeRO 0-3,
+universal checkpoints), so export reads exactly what `fluidlm eval` scores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HF_DIR = Path(__file__).resolve().parent / "hf"
+MODEL_FILES = ("configuration_fluidlm.py", "modeling_fluidlm.py")
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class ExportError(ValueError):
+    """Bad export input (checkpoint, output folder, exported folder); the message names the fix."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[str]
+    tokenizer: str | None          # where the copied tokenizer came from, None when not found
+    notes: list[str] = field(default_factory=list)
+    parameters: int = 0
+    source: str = ""
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise ExportError("export and from_pretrained need safetensors: pip install 'fluidlm[export]'") from None
+    return st
+
+
+def hf_config(model_config: dict, *, dtype: str, step: int | None = None, source: str | None = None) -> dict:
+    """config.json: the transformers keys, then the FluidLM model config (its fields at the top level)."""
+    from fluidlm import __version__
+
+    return {
+        "model_type": "fluidlm",
+        "architectures": ["FluidLMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_fluidlm.FluidLMConfig",
+                     "AutoModelForCausalLM": "modeling_fluidlm.FluidLMForCausalLM"},
+        "dtype": DTYPES[dtype],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "tie_word_embeddings": True,
+        "use_cache": False,
+        **model_config,
+        "fluidlm": {"version": __version__, "step": step, "source": source},
+    }
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", tokenizer: str | Path | None = None,
+                      force: bool = False) -> ExportResult:
+    """Write the folder above from a checkpoint (a step_* folder, a checkpoints/ folder, a run folder
+    or a universal checkpoint). Raises ExportError (or EvalError from the reader) on bad input."""
+    import torch
+
+    from fluidlm.eval.perplexity import checkpoint_info, load_model, resolve_checkpoint, training_tokenizer
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    st = _safetensors()
+    out = Path(out)
+    if (out / WEIGHTS).exists() and not force:
+        raise ExportError(f"--out {out} already holds an export ({WEIGHTS}); pass --force to overwrite it")
+    path = resolve_checkpoint(checkpoint)
+    info = checkpoint_info(path)
+    model = load_model(info, torch.device("cpu"))
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    # FluidLM's state dict holds the tied embedding/head once (embed.weight); contiguous copies, no sharing.
+    state = {k: v.detach().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    out.mkdir(parents=True, exist_ok=True)
+    st.save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "fluidlm_step": str(info.step),
+                                                   "dtype": DTYPES[dtype]})
+    model_config = model.config.model_dump(mode="json")
+    (out / CONFIG).write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step, source=str(path)), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "use_cache": False, "do_sample": False}, indent=2))
+    for name in MODEL_FILES:
+        shutil.copyfile(HF_DIR / name, out / name)
+    files = [WEIGHTS, CONFIG, "generation_config.json", *MODEL_FILES]
+    notes = []
+    if tokenizer is not None:
+        tok_path, where = Path(tokenizer), f"--tokenizer {tokenizer}"
+        if not tok_path.is_file():
+            raise ExportError(f"--tokenizer {tokenizer}: no such file")
+    else:
+        _, tok_path, where = training_tokenizer(info)
+        where = f"the training data ({where})" if tok_path is not None else where
+    copied = None
+    if tok_path is not None:
+        shutil.copyfile(tok_path, out / TOKENIZER)
+        files.append(TOKENIZER)
+        copied = str(tok_path)
+    else:
+        notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "
+                     f"model the checkpoint was trained with to {out / TOKENIZER}, or pass --tokenizer PATH")
+    return ExportResult(out=out, files=files, tokenizer=copied, notes=notes, parameters=model.num_parameters(),
+                        source=info.source)
+
+
+def read_config(path: str | Path) -> dict:
+    """The FluidLM model config of an exported folder (config.json), as a dict of ModelConfig fields."""
+    from fluidlm.model.config import ModelConfig
+
+    path = Path(path)
+    file = path / CONFIG
+    if not file.is_file():
+        raise ExportError(f"{path}: no {CONFIG} (not a folder written by `fluidlm export`)")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{file} is not JSON ({exc})") from None
+    if config.get("model_type") != "fluidlm":
+        raise ExportError(f"{file}: model_type is {config.get('model_type')!r}, not 'fluidlm'")
+    return {k: v for k, v in config.items() if k in ModelConfig.model_fields}
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def from_pretrained(path: str | Path, *, dtype=None, device="cpu"):
+    """The FluidLM (eval mode) of a folder written by `fluidlm export` (FluidLM.from_pretrained, which
+    reads config.json and model.safetensors without pickle); `dtype` a torch dtype or "fp32"/"bf16".
+    Raises ExportError naming the problem."""
+    import torch
+
+    from fluidlm.model import FluidLM
+
+    _safetensors()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, DTYPES.get(dtype, dtype))
+    path = Path(path)
+    try:
+        return FluidLM.from_pretrained(path, dtype=dtype, device=device)
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ExportError(f"{path}: the export does not load ({type(exc).__name__}: {str(exc)[:500]})") from None
