@@ -21,7 +21,8 @@ STEPS=${STEPS:-$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['
 HALF=$((STEPS / 2))
 SEQ_LEN=$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['data']['seq_len'])")
 VOCAB=$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['model']['vocab_size'])")
-OVERRIDES=(data.dir="$DATA_DIR" train.run_dir="$RUN_DIR" train.steps="$STEPS" "$@")
+# Validation every 50 steps on a fixed 32k-token slice of the held-out split (val/loss in metrics.jsonl and MLflow).
+OVERRIDES=(data.dir="$DATA_DIR" train.run_dir="$RUN_DIR" train.steps="$STEPS" train.eval_every=50 train.eval_tokens=32768 "$@")
 
 echo "== data: the standard library, tokenised (vocab $VOCAB, $SEQ_LEN-token samples) → $DATA_DIR"
 fluidlm data prepare --out "$DATA_DIR" --vocab-size "$VOCAB" --seq-len "$SEQ_LEN"
@@ -45,6 +46,13 @@ torchrun --standalone --nproc-per-node="$NPROC" -m fluidlm.eval --checkpoint "$R
     --max-doc-tokens 8192 --max-tokens 32768 --out "$RUN_DIR/eval/results.json"
 # -------------------------------------------------------------------------------------------------
 
+# ---- USE: export to safetensors + a transformers-loadable folder, then generate from the export ----
+echo "== export: $RUN_DIR → $RUN_DIR/export (model.safetensors, config.json, tokenizer, modeling code)"
+fluidlm export --checkpoint "$RUN_DIR" --out "$RUN_DIR/export" --force
+echo "== generate: one sample from the exported model (DA decodes through its recurrent state)"
+fluidlm generate --checkpoint "$RUN_DIR/export" --prompt "def main(" --max-new-tokens 64 --temperature 0.8 \
+    --top-k 50 --seed 0
+
 MLFLOW_DB=$(cd "$(dirname "$RUN_DIR")" && pwd)/mlflow.db
 python - "$RUN_DIR" <<'PY'
 import json, math, sys
@@ -55,6 +63,8 @@ mean = sum(r["loss"] for r in tail) / len(tail)
 print(f"== loss: {first['loss']:.3f} at step {first['step']} → {last['loss']:.3f} at step {last['step']} "
       f"(mean of the last {len(tail)} steps {mean:.3f}, perplexity {math.exp(mean):.1f}); "
       f"{last['tokens']:,} tokens; {last['tokens_per_s']:,.0f} tokens/s")
+val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+print("== validation curve (val/loss): " + ", ".join(f"{s}: {v:.3f}" for s, v in val))
 PY
 echo "== run folder: $RUN_DIR (config.yaml, metrics.jsonl, checkpoints/)"
 echo "== MLflow UI:  mlflow ui --backend-store-uri sqlite:///$MLFLOW_DB   (then open http://127.0.0.1:5000)"

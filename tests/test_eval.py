@@ -247,3 +247,16 @@ def test_mlflow_eval_run_is_linked_to_the_training_run(trained, capsys):
                          capsys, mlflow=True)
     assert code == 0 and "WARNING: MLflow" in err
     assert json.loads(out.read_text())["mlflow_eval_run_id"] is None
+
+
+def test_plot_draws_sparse_position_buckets_apart():
+    """A last bucket of a handful of tokens would draw a spike: it is kept off the curve."""
+    from fluidlm.eval.report import position_points
+
+    result = {"loss_by_position": [{"start": 1, "end": 1, "tokens": 1000, "loss": 5.0},
+                                   {"start": 2, "end": 3, "tokens": 2000, "loss": 4.0},
+                                   {"start": 4, "end": 4, "tokens": 12, "loss": 7.5},
+                                   {"start": 5, "end": 8, "tokens": 0, "loss": 0.0}]}
+    full, sparse = position_points(result)
+    assert [p[1] for p in full] == [5.0, 4.0]
+    assert sparse == [(4.0, 7.5)]

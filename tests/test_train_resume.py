@@ -46,6 +46,10 @@ def runs(tmp_path_factory):
         {"name": "bf16_straight", "config": cfg("bf16_straight", train={"precision": "bf16"})},
         {"name": "bf16_a", "config": cfg("bf16", train={"precision": "bf16", "stop_at": 3})},
         {"name": "bf16_b", "config": cfg("bf16", train={"precision": "bf16"}), "resume": "auto"},
+        # validation during training: must not change the training curve, resumes exactly
+        {"name": "val_straight", "config": cfg("val_straight", train={"eval_every": 3, "eval_tokens": 256})},
+        {"name": "val_a", "config": cfg("val", train={"eval_every": 3, "eval_tokens": 256, "stop_at": 4})},
+        {"name": "val_b", "config": cfg("val", train={"eval_every": 3, "eval_tokens": 256}), "resume": "auto"},
         {"name": "mlflow_down", "config": cfg("mlflow_down", logging={"mlflow": True, "tracking_uri": "http://127.0.0.1:9"})},
     ]
     jobs_path, out = tmp / "jobs.json", tmp / "results.json"
@@ -168,3 +172,41 @@ def test_missing_or_corrupt_checkpoint_gives_a_clear_error(runs, tmp_path):
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume("auto", tmp_path)
     assert resolve_resume("auto", tmp_path / "empty") is None  # nothing yet: start fresh
+
+
+def test_validation_during_training_leaves_the_curve_alone_resumes_exactly_and_equals_a_direct_computation(runs):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from fluidlm.data.shards import read_shard
+    from fluidlm.eval.inputs import load_model
+    from fluidlm.train.checkpoint_read import checkpoint_info
+
+    for name in ("val_straight", "val_a", "val_b"):
+        assert runs["results"][name]["code"] == 0, runs["results"][name]
+    straight, with_val = read_metrics(runs["runs"] / "straight"), read_metrics(runs["runs"] / "val_straight")
+    assert [m["loss"] for m in with_val] == [m["loss"] for m in straight]  # bitwise: dropout, workers, masks untouched
+    val_steps = [m["step"] for m in with_val if "val/loss" in m]
+    assert val_steps == [3, 6, STEPS]
+    resumed = read_metrics(runs["runs"] / "val")
+    assert [(m["step"], m["loss"], m.get("val/loss")) for m in resumed] == \
+        [(m["step"], m["loss"], m.get("val/loss")) for m in with_val]
+    # val/loss at the last step = mean next-token CE of the final weights over the first 4 samples of val/
+    # (eval_tokens 256 / seq_len 64), computed here with the dense model and torch's cross-entropy.
+    model = load_model(checkpoint_info(runs["runs"] / "val_straight" / "checkpoints" / f"step_{STEPS:08d}"),
+                       torch.device("cpu"))
+    val_dir = runs["data"] / "val"
+    manifest = json.loads((val_dir / "manifest.json").read_text())
+    tokens, starts = read_shard(val_dir, manifest["shards"][0])
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for tok, st in zip(tokens[:4], starts[:4]):
+            tok = torch.from_numpy(tok.astype(np.int64))[None]
+            doc_starts = sorted({0, *[int(x) for x in st if 0 < x < tok.shape[1] - 1]})
+            cu = torch.tensor(doc_starts + [tok.shape[1] - 1])
+            logits = model(tok[:, :-1], cu)
+            nll += F.cross_entropy(logits[0].double(), tok[0, 1:], reduction="sum").item()
+            count += tok.shape[1] - 1
+    assert with_val[-1]["val/tokens"] == count == 4 * 64
+    assert abs(with_val[-1]["val/loss"] - nll / count) <= 1e-5 * nll / count

@@ -111,26 +111,36 @@ def register(subparsers) -> None:
     c.set_defaults(func=_guard(cmd_corpus))
 
     t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer (byte fallback: exact round trip)")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--input", nargs="+", required=True, help="text files, folders, globs or .jsonl files to learn from")
+    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special and <mask> ids included "
+                                                                "(default %(default)s; at most model.vocab_size)")
     t.add_argument("--out", required=True, help="path of the .model file to write")
     t.set_defaults(func=_guard(cmd_tokenizer))
 
     s = sub.add_parser("shards", help="tokenize and write webdataset shards of packed sequences + manifest.json")
-    s.add_argument("--input", nargs="+", required=True)
-    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--input", nargs="+", required=True, help="text files, folders, globs or .jsonl files to tokenize")
+    s.add_argument("--tokenizer", required=True, help="the sentencepiece .model (from `fluidlm data tokenizer`)")
     s.add_argument("--seq-len", type=int, required=True, help="training context; samples hold seq-len + 1 tokens")
-    s.add_argument("--out", required=True)
-    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.add_argument("--out", required=True, help="folder for the shard tars and manifest.json")
+    s.add_argument("--samples-per-shard", type=int, default=256, help="samples per tar (default %(default)s)")
     s.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     s.add_argument("--shuffle-seed", type=int, default=0,
                    help="shuffle the packed samples across the whole corpus with this seed before filling the "
                         "shards (-1: keep corpus order, e.g. for a validation split read back as whole documents)")
     s.set_defaults(func=_guard(cmd_shards))
 
-    r = sub.add_parser("prepare", help="corpus → tokenizer → train/val shards in one go (skips what is up to date)")
-    r.add_argument("--out", default="data/default", help="folder for corpus/, tokenizer.model, train/, val/")
-    r.add_argument("--vocab-size", type=int, default=4096)
-    r.add_argument("--seq-len", type=int, default=512)
-    r.add_argument("--workers", type=int, default=2)
+    r = sub.add_parser("prepare", help="corpus → tokenizer → train/val shards in one go (skips what is up to date)",
+                       description="The default data, offline: this interpreter's standard library as the corpus "
+                                   "(one document per package, train/val by a stable hash of its name), a "
+                                   "sentencepiece BPE tokenizer trained on it, then webdataset shards of "
+                                   "seq-len + 1 token samples for train/ (shuffled) and val/ (corpus order). "
+                                   "A step whose output is up to date with its inputs and options is skipped. "
+                                   "Point data.dir of a training config at --out.")
+    r.add_argument("--out", default="data/default", help="folder for corpus/, tokenizer.model, train/, val/ "
+                                                         "(default %(default)s)")
+    r.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary; at most model.vocab_size "
+                                                                "(default %(default)s)")
+    r.add_argument("--seq-len", type=int, default=512, help="training context in tokens; must equal data.seq_len "
+                                                            "(default %(default)s)")
+    r.add_argument("--workers", type=int, default=2, help="tokenizer processes (default %(default)s)")
     r.set_defaults(func=_guard(cmd_prepare))

@@ -25,6 +25,22 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+MIN_BUCKET_SHARE = 0.01  # a position bucket with fewer tokens than this share of its length's tokens (or
+MIN_BUCKET_TOKENS = 100  # than this many) is drawn apart: a handful of tokens makes a misleading spike
+
+
+def position_points(result: dict) -> tuple[list, list]:
+    """(well-populated, sparse) points (bucket centre, mean loss) of one context length's loss by
+    position; sparse buckets are drawn as open markers, not joined to the curve."""
+    total = sum(bk["tokens"] for bk in result["loss_by_position"])
+    floor = max(MIN_BUCKET_TOKENS, MIN_BUCKET_SHARE * total)
+    full, sparse = [], []
+    for bk in result["loss_by_position"]:
+        if bk["tokens"]:
+            (full if bk["tokens"] >= floor else sparse).append(((bk["start"] * bk["end"]) ** 0.5, bk["loss"]))
+    return full, sparse
+
+
 def plot(report: dict, path: Path) -> Path:
     import matplotlib
 
@@ -41,10 +57,16 @@ def plot(report: dict, path: Path) -> Path:
     if report.get("train_seq_len"):
         a.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")
         a.legend()
+    any_sparse = False
     for r in res:
-        pts = [((bk["start"] * bk["end"]) ** 0.5, bk["loss"]) for bk in r["loss_by_position"] if bk["tokens"]]
-        if pts:
-            b.plot(*zip(*pts), "o-", ms=3, label=f"ctx {r['context_length']}")
+        full, sparse = position_points(r)
+        line = b.plot(*zip(*full), "o-", ms=3, label=f"ctx {r['context_length']}")[0] if full else None
+        if sparse:
+            any_sparse = True
+            b.plot(*zip(*sparse), "o", ms=5, mfc="none", color=line.get_color() if line else None)
+    if any_sparse:
+        b.annotate(f"open markers: buckets with < {MIN_BUCKET_SHARE:.0%} of the tokens (or < {MIN_BUCKET_TOKENS})",
+                   (0.01, 0.01), xycoords="axes fraction", fontsize=7, color="gray")
     b.set_xscale("log", base=2)
     b.set_xlabel("token position in window (log2 buckets)")
     b.set_ylabel("mean loss (nats)")
