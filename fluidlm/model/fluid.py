@@ -134,23 +134,31 @@ class FluidLM(nn.Module):
             x = block(x, None, cache)
         return self.parallel.lm_logits(self.norm(x), self.embed.weight), state
 
-    def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean"):
+    def loss(self, tokens, targets, cu_seqlens=None, *, chunk_tokens: int = 8192, reduction: str = "mean",
+             scored_only: bool | None = None):
         """Cross-entropy of `targets` (B, N; -100 = ignore) without materialising all logits:
-        the head and the loss run over chunks of tokens, each recomputed in backward."""
+        the head and the loss run over chunks of tokens, each recomputed in backward. `scored_only`:
+        see `chunked_cross_entropy`."""
         hidden = self.hidden_states(tokens, cu_seqlens).flatten(0, 1)
-        return chunked_cross_entropy(hidden, self.embed.weight, targets.flatten(), chunk_tokens, reduction, self.parallel)
+        return chunked_cross_entropy(hidden, self.embed.weight, targets.flatten(), chunk_tokens, reduction, self.parallel,
+                                     scored_only)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean", layers=None):
+def chunked_cross_entropy(hidden, weight, targets, chunk_tokens: int, reduction: str = "mean", layers=None,
+                          scored_only: bool | None = None):
     """Σ or mean of CE over tokens; peak memory holds one chunk of logits, not N × vocab.
     `layers` (the model's layer factory) computes each chunk's loss: vocabulary-parallel under TP.
-    When some targets are -100 (masked LM: most of them), only the scored rows go through the head."""
+    `scored_only=True` sends only the scored rows (targets != -100) through the head (masked LM:
+    15 % of them; selecting them costs one host sync); False runs every row and masks the loss (no
+    sync); None picks by looking at the targets (a host sync; training passes it explicitly)."""
     loss_sum = (layers or DenseLayers()).lm_loss_sum
     scored = targets != -100
-    if not bool(scored.all()):
+    if scored_only is None:
+        scored_only = not bool(scored.all())
+    if scored_only:
         hidden, targets = hidden[scored], targets[scored]
     # A zero that is still a function of the weights: a rank (or CP shard) with no scored token
     # must run the same backward (and gradient all-reduce) as the others.

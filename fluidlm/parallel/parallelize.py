@@ -45,8 +45,9 @@ def parallelize(model: FluidLM, layout: Layout, train, topology=None) -> nn.Modu
         from fluidlm.parallel.pipeline import pipeline_module
 
         return pipeline_module(model, topology, chunk_tokens=train.loss_chunk_tokens,
-                               activation_checkpointing=train.activation_checkpointing)
-    return LossModule(model, train.loss_chunk_tokens, cp_group)
+                               activation_checkpointing=train.activation_checkpointing,
+                               scored_only=train.objective == "masked_lm")
+    return LossModule(model, train.loss_chunk_tokens, cp_group, scored_only=train.objective == "masked_lm")
 
 
 def context_parallel(model: FluidLM, group) -> FluidLM:
@@ -77,16 +78,18 @@ class LossModule(nn.Module):
     cp × (its loss sum) / (the CP group's token count), so that DeepSpeed's gradient average over
     its data-parallel group (DP × CP ranks) sums the CP shares and averages the DP replicas."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, cp_group=None):
+    def __init__(self, model: nn.Module, chunk_tokens: int, cp_group=None, scored_only: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.cp_group = cp_group
+        self.scored_only = scored_only  # masked LM: only the scored rows through the LM head
 
     def forward(self, tokens, targets, cu_seqlens=None):
+        kw = dict(chunk_tokens=self.chunk_tokens, scored_only=self.scored_only)
         if self.cp_group is None:
-            return self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens)
-        loss_sum = self.model.loss(tokens, targets, cu_seqlens, chunk_tokens=self.chunk_tokens, reduction="sum")
+            return self.model.loss(tokens, targets, cu_seqlens, **kw)
+        loss_sum = self.model.loss(tokens, targets, cu_seqlens, reduction="sum", **kw)
         count = (targets != -100).sum().to(torch.float64)
         dist.all_reduce(count, group=self.cp_group)
         return loss_sum * dist.get_world_size(self.cp_group) / count.clamp(min=1).to(loss_sum.dtype)

@@ -22,6 +22,8 @@ second implementation of a block, a norm or the loss exists:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -29,11 +31,21 @@ from torch.utils.checkpoint import checkpoint
 from fluidlm.model.fluid import FluidLM, chunked_cross_entropy
 
 
+_LAST_STARTS: tuple = (None, None)  # (weakref of the starts tensor, its cu_seqlens)
+
+
 def cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor:
     """(B, N) bool document starts (every row's position 0 included) → cu_seqlens [0, …, B·N] over the
-    flattened tokens. `nonzero` synchronises with the device: call it on host tensors where you can."""
+    flattened tokens. `nonzero` synchronises with a device, so the result for the last starts tensor is
+    kept: the layers of one pipeline stage pass the same tensor along and pay one sync per micro-batch."""
+    global _LAST_STARTS
+    ref, cu = _LAST_STARTS
+    if ref is not None and ref() is starts:
+        return cu
     positions = starts.reshape(-1).nonzero().flatten()
-    return torch.cat([positions, positions.new_tensor([starts.numel()])]).to(torch.int64)
+    cu = torch.cat([positions, positions.new_tensor([starts.numel()])]).to(torch.int64)
+    _LAST_STARTS = (weakref.ref(starts), cu)
+    return cu
 
 
 class _Stage(nn.Module):
@@ -91,13 +103,13 @@ class NormStage(_Stage):
 
 
 class PipelineLoss:
-    def __init__(self, layers, chunk_tokens: int):
-        self.layers, self.chunk_tokens = layers, chunk_tokens
+    def __init__(self, layers, chunk_tokens: int, scored_only: bool = False):
+        self.layers, self.chunk_tokens, self.scored_only = layers, chunk_tokens, scored_only
 
     def __call__(self, outputs, targets):
         hidden, weight = outputs
         return chunked_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), self.chunk_tokens, "mean",
-                                     self.layers)
+                                     self.layers, self.scored_only)
 
 
 def _checkpoint(function, *args):
@@ -117,12 +129,13 @@ def stage_specs(model: FluidLM) -> list:
     return specs
 
 
-def pipeline_module(model: FluidLM, topology, *, chunk_tokens: int, activation_checkpointing: bool):
+def pipeline_module(model: FluidLM, topology, *, chunk_tokens: int, activation_checkpointing: bool,
+                    scored_only: bool = False):
     """This process's stage of `model` as a DeepSpeed PipelineModule."""
     from deepspeed.pipe import PipelineModule
 
     return PipelineModule(
-        layers=stage_specs(model), topology=topology, loss_fn=PipelineLoss(model.parallel, chunk_tokens),
+        layers=stage_specs(model), topology=topology, loss_fn=PipelineLoss(model.parallel, chunk_tokens, scored_only),
         partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=_checkpoint, checkpointable_layers=["BlockStage"],
