@@ -273,7 +273,7 @@ def train(config: Config, resume_from=None) -> int:
             loss_value = loss_sum / t.grad_accum
             tokens_per_s = tokens_per_step / step_time
             val = {}
-            if val_batches is not None and (progress.step % t.eval_every == 0 or progress.step == last_step):
+            if val_batches is not None and (progress.step % t.eval_every == 0 or progress.step == t.steps):
                 val = validate(engine, val_batches, dist_info, Objective(config), t.grad_accum)
             if progress.step % config.logging.every == 0 or progress.step == last_step or val:
                 grad_norm = engine.get_global_grad_norm()

@@ -54,9 +54,11 @@ def validation_batches(manifest_path: Path, eval_tokens: int, micro_batch_size: 
     for i, first in enumerate(range(0, min(need, have), micro_batch_size)):
         if (i // group) % dp_size != dp_rank:
             continue
-        rows = slice(first, first + micro_batch_size)
-        batches.append({"tokens": torch.from_numpy(np.stack(tokens[rows]).astype(np.int64)),
-                        "doc_starts": torch.from_numpy(np.stack(starts[rows]).astype(bool))})
+        rows = np.stack(tokens[first:first + micro_batch_size]).astype(np.int64)
+        mask = np.zeros(rows.shape, dtype=bool)  # starts.npy lists a sample's document starts: as the loader's mask
+        for r, positions in enumerate(starts[first:first + micro_batch_size]):
+            mask[r, positions.astype(np.int64)] = True
+        batches.append({"tokens": torch.from_numpy(rows), "doc_starts": torch.from_numpy(mask)})
     return batches
 
 
