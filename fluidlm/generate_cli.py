@@ -74,7 +74,9 @@ def _load(args):
     """(model, tokenizer path or None, eos id)."""
     import torch
 
-    from fluidlm.eval.perplexity import EvalError, checkpoint_info, load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.eval import EvalError
+    from fluidlm.eval.inputs import load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.train.checkpoint_read import checkpoint_info
     from fluidlm.export import TOKENIZER, from_pretrained, is_export
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -110,8 +112,9 @@ def run(args) -> int:
     import torch
 
     from fluidlm.data import DataError
-    from fluidlm.eval.perplexity import EvalError
+    from fluidlm.eval import EvalError
     from fluidlm.export import ExportError
+    from fluidlm.train.checkpoint_read import CheckpointError
     from fluidlm.generate import GenerateError, generate
 
     if args.threads:
@@ -158,7 +161,7 @@ def run(args) -> int:
             stream.close()
         elif count:
             print(flush=True)
-    except (GenerateError, EvalError, ExportError, DataError) as exc:
+    except (GenerateError, EvalError, ExportError, DataError, CheckpointError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     end = time.perf_counter()

@@ -180,7 +180,8 @@ def test_export_of_a_trained_zero1_checkpoint(tmp_path, capsys):
     """A real (2-step, ZeRO-1, DeepSpeed) DA training run exports to the weights eval reads from it."""
     from train_helpers import make_dataset, tiny_config
 
-    from fluidlm.eval.perplexity import checkpoint_info, load_model, resolve_checkpoint
+    from fluidlm.eval.inputs import load_model, resolve_checkpoint
+    from fluidlm.train.checkpoint_read import checkpoint_info
     from fluidlm.model import FluidLM
 
     data = make_dataset(tmp_path / "data", samples=32)

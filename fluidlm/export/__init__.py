@@ -8,7 +8,7 @@
     DIR/modeling_fluidlm.py        self-contained reference model: AutoModelForCausalLM(trust_remote_code=True)
     DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found
 
-The checkpoint is read by evaluation's reader (fluidlm.eval.perplexity: any layout, ZeRO 0-3,
+The checkpoint is read by evaluation's reader (fluidlm.eval.inputs: any layout, ZeRO 0-3,
 universal checkpoints), so export reads exactly what `fluidlm eval` scores.
 """
 
@@ -75,7 +75,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     or a universal checkpoint). Raises ExportError (or EvalError from the reader) on bad input."""
     import torch
 
-    from fluidlm.eval.perplexity import checkpoint_info, load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.eval.inputs import load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.train.checkpoint_read import checkpoint_info
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

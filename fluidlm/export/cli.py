@@ -35,12 +35,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from fluidlm.eval.perplexity import EvalError
+    from fluidlm.eval import EvalError
+    from fluidlm.train.checkpoint_read import CheckpointError
     from fluidlm.export import ExportError, export_checkpoint
 
     try:
         result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force)
-    except (ExportError, EvalError) as exc:
+    except (ExportError, EvalError, CheckpointError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for note in result.notes:
