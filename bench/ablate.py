@@ -144,7 +144,7 @@ def main(argv=None) -> None:
             timing["train_s"] = train_run(run_dir, overrides, log, args.nproc, args.config)
             stream = cfg.model.attention == "da" and cfg.model.causal
             timing["eval_s"] = eval_run(run_dir, data_dir, lengths, report_path, log, max_doc_tokens=2 * longest,
-                                        max_tokens=args.eval_tokens, stream=stream)
+                                        max_tokens=args.eval_tokens, stream=stream, mlflow=args.mlflow)
         report = json.loads(report_path.read_text())
         rows = train_metrics(run_dir)
         speeds = [r["tokens_per_s"] for r in rows[5:] or rows]

@@ -65,10 +65,11 @@ def train_run(run_dir: Path, overrides: list[str], log: Path, nproc: int = 1, co
 
 
 def eval_run(run_dir: Path, data: str, lengths: list[int], out: Path, log: Path, *, max_doc_tokens: int,
-             max_tokens: int, stream: bool) -> float:
+             max_tokens: int, stream: bool, mlflow: bool = True) -> float:
     """`python -m fluidlm.eval` of the run's checkpoint at `lengths` (disjoint windows) on the val split's
     documents of at least max(lengths) + 1 tokens cut into pieces of `max_doc_tokens`, at most `max_tokens`;
-    `stream`: through forward_stream (causal DA). Writes the report to `out`; returns the wall time."""
+    `stream`: through forward_stream (causal DA); `mlflow`: log it (fluidlm.eval's default). Writes the report
+    to `out`; returns the wall time."""
     longest = max(lengths)
     cmd = [sys.executable, "-m", "fluidlm.eval", "--checkpoint", str(run_dir), "--data",
            f"{data}/val/manifest.json", "--context-lengths", ",".join(map(str, lengths)), "--mode", "disjoint",
@@ -76,6 +77,8 @@ def eval_run(run_dir: Path, data: str, lengths: list[int], out: Path, log: Path,
            str(max_tokens), "--out", str(out), "--no-progress"]
     if stream:
         cmd += ["--stream", "--stream-chunk", str(min(2048, longest))]
+    if not mlflow:
+        cmd.append("--no-mlflow")
     return sh(cmd, log)
 
 
