@@ -51,6 +51,46 @@ def sh(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+# Helpers shared with bench/ablate.py: one training run, one evaluation, the loss at the end.
+
+def train_run(run_dir: Path, overrides: list[str], log: Path, nproc: int = 1, config: Path = CONFIG) -> float:
+    """Train `config` (default configs/tiny-cpu.yaml) with `overrides` into a fresh `run_dir` (the project's
+    own `python -m fluidlm.train`; torchrun when nproc > 1); returns the wall time in seconds."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return sh([*launcher, "-m", "fluidlm.train", "--config", str(config), f"train.run_dir={run_dir}", *overrides], log)
+
+
+def eval_run(run_dir: Path, data: str, lengths: list[int], out: Path, log: Path, *, max_doc_tokens: int,
+             max_tokens: int, stream: bool, mlflow: bool = True) -> float:
+    """`python -m fluidlm.eval` of the run's checkpoint at `lengths` (disjoint windows) on the val split's
+    documents of at least max(lengths) + 1 tokens cut into pieces of `max_doc_tokens`, at most `max_tokens`;
+    `stream`: through forward_stream (causal DA); `mlflow`: log it (fluidlm.eval's default). Writes the report
+    to `out`; returns the wall time."""
+    longest = max(lengths)
+    cmd = [sys.executable, "-m", "fluidlm.eval", "--checkpoint", str(run_dir), "--data",
+           f"{data}/val/manifest.json", "--context-lengths", ",".join(map(str, lengths)), "--mode", "disjoint",
+           "--min-doc-tokens", str(longest + 1), "--max-doc-tokens", str(max_doc_tokens), "--max-tokens",
+           str(max_tokens), "--out", str(out), "--no-progress"]
+    if stream:
+        cmd += ["--stream", "--stream-chunk", str(min(2048, longest))]
+    if not mlflow:
+        cmd.append("--no-mlflow")
+    return sh(cmd, log)
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl (one per logged step)."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
+
+
 def main() -> None:
     import yaml
 
@@ -104,33 +144,21 @@ def main() -> None:
         run_dir = runs / name
         timings[name] = {}
         if not args.skip_train:
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)
-            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
-                        if args.nproc > 1 else [sys.executable])
-            timings[name]["train_s"] = sh([*launcher, "-m", "fluidlm.train", "--config", str(CONFIG),
-                                           f"train.run_dir={run_dir}", *common, *extra], log)
-        out = runs / f"eval_{name}.json"
-        cmd = [sys.executable, "-m", "fluidlm.eval", "--checkpoint", str(run_dir), "--data",
-               f"{args.data}/val/manifest.json", "--context-lengths", ",".join(map(str, lengths)), "--mode", "disjoint",
-               "--min-doc-tokens", str(longest + 1), "--max-doc-tokens", str(doc_cap), "--max-tokens",
-               str(args.eval_tokens), "--out", str(out), "--no-progress"]
-        if name == "da" and not mlm:
-            cmd += ["--stream", "--stream-chunk", str(min(2048, longest))]
-        timings[name]["eval_s"] = sh(cmd, log)
+            timings[name]["train_s"] = train_run(run_dir, [*common, *extra], log, args.nproc)
+        timings[name]["eval_s"] = eval_run(run_dir, args.data, lengths, runs / f"eval_{name}.json", log,
+                                           max_doc_tokens=doc_cap, max_tokens=args.eval_tokens,
+                                           stream=name == "da" and not mlm)
     reports = {name: json.loads((runs / f"eval_{name}.json").read_text()) for name in models}
     final_loss = {}
     for name in models:
-        rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        tail = rows[-20:]
+        tail = train_metrics(runs / name)[-20:]
         final_loss[name] = sum(r["loss"] for r in tail) / len(tail)
 
     summary = {
         "config": str(CONFIG.relative_to(ROOT)), "direction": args.direction,
         "objective": "masked_lm" if mlm else "causal_lm", "steps": steps, "warmup_steps": warmup, "seq_len": seq_len,
         "max_seq_len": longest, "nproc": args.nproc, "overrides": common, "context_lengths": lengths,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
+        "machine": machine(),
         "timings_s": timings, "train_loss_last20": final_loss,
         "eval_data": {k: reports["da"]["data"][k] for k in ("source", "documents", "tokens", "split_documents")},
         "reports": reports,

@@ -30,3 +30,36 @@ def test_long_context_gpu_benchmark_refuses_without_cuda():
     proc = subprocess.run([sys.executable, "bench/long_context_gpu.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_ablation_quick_mode_runs_end_to_end(tmp_path):
+    """bench/ablate.py --quick: a tiny DA variant (gate + conv + norm) and the softmax baseline, 3 steps
+    each, with the project's training and evaluation commands, on a synthetic dataset."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_helpers import make_dataset
+
+    data = make_dataset(tmp_path / "data", seq_len=32, samples=160)
+    out = tmp_path / "ablate"
+    proc = subprocess.run([sys.executable, "bench/ablate.py", "--quick", "--data", str(data), "--runs-dir",
+                           str(tmp_path / "runs"), "--out", str(out), "--multipliers", "1,2", "data.seq_len=32",
+                           "model.vocab_size=256"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert list(result["variants"]) == ["gate-conv-norm", "softmax"]
+    for v in result["variants"].values():
+        assert set(v["perplexity"]) == {"32", "64"} and v["parameters"] > 0 and v["tokens_per_s"]["mean"] > 0
+        assert all(p["n"] == 1 and p["mean"] > 1 for p in v["perplexity"].values())
+    assert result["meta"]["command"].startswith("python bench/ablate.py --quick")
+    assert "| `softmax` |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert "model.qkv_conv=4" in runs["gate-conv-norm"]["overrides"]
+
+
+def test_ablation_rejects_unknown_variants_and_lists_them():
+    proc = subprocess.run([sys.executable, "bench/ablate.py", "--variants", "baseline,gatee"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown variant(s) ['gatee']" in proc.stderr
+    listed = subprocess.run([sys.executable, "bench/ablate.py", "--list"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0 and "gate-conv-norm" in listed.stdout and "softmax" in listed.stdout

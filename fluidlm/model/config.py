@@ -74,6 +74,42 @@ class ModelConfig(StrictModel):
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base (softmax baseline only)")
     init_std: float = Field(0.02, gt=0, description="std of the normal init of weights and embedding")
+    # --- DA-layer variants (issue 20); all off by default, off = the layer of docs/design.md §3 -------
+    output_gate: Literal["none", "sigmoid", "silu"] = Field(
+        "none", description="DA only: o ← o ⊙ act(W_g x) before the output projection (x = the layer input, "
+                            "W_g a column-parallel d_model → n_heads·head_dim linear); 'none' = off")
+    qkv_conv: int = Field(
+        0, ge=0, le=64, description="DA only: width of a causal depthwise conv on the fused q|k|v projection "
+                                    "(per channel, never across a document start, identity at init); 0 = off, "
+                                    "else ≥ 2")
+    output_norm: Literal["none", "rmsnorm"] = Field(
+        "none", description="DA only: RMSNorm of each head's output over head_dim (learned weight per head "
+                            "channel, ε = norm_eps), before the output gate; 'none' = off")
+    half_life_min: float = Field(
+        1.0, gt=0, description="DA only: shortest initial half-life ln2/λ (tokens); the heads' half-lives start "
+                               "log-spaced from half_life_min to half_life_max")
+    half_life_max: float | None = Field(
+        None, gt=0, description="DA only: longest initial half-life (tokens); default max_seq_len")
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        if self.qkv_conv == 1:
+            raise ValueError("model.qkv_conv=1 is a per-channel scale, not a conv: use 0 (off) or a width ≥ 2")
+        if self.half_life_min > self.longest_half_life:
+            raise ValueError(f"model.half_life_min={self.half_life_min} exceeds the longest half-life "
+                             f"{self.longest_half_life} (model.half_life_max, default max_seq_len)")
+        if self.attention == "softmax":
+            on = [f"{k}={getattr(self, k)!r}" for k, off in (("output_gate", "none"), ("qkv_conv", 0),
+                                                              ("output_norm", "none")) if getattr(self, k) != off]
+            if on:
+                raise ValueError(f"{', '.join('model.' + x for x in on)}: DA-layer options; the softmax baseline "
+                                 "has none (set model.attention=da or switch them off)")
+        return self
+
+    @property
+    def longest_half_life(self) -> float:
+        """The longest initial DA half-life: half_life_max, or max_seq_len when it is unset."""
+        return self.max_seq_len if self.half_life_max is None else self.half_life_max
 
     @property
     def causal(self) -> bool:
