@@ -83,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointSaveError as exc:  # every rank raised it together (checkpoint.save agrees first)
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         shutdown()
+        # Leave right after the barrier, all ranks at once: an interpreter teardown of a second or more
+        # let torchrun see one rank exit 4 and SIGTERM the others before they could report 4 themselves.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_SAVE)
         return EXIT_SAVE
     except (DataError, CheckpointError) as exc:  # found after start-up (e.g. a corrupt shard or checkpoint file)
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
