@@ -23,7 +23,13 @@ least 16 × the training length, at most --eval-tokens tokens in all (the same p
 
 Writes <out>.md, <out>.json, <out>.png (default bench/results/ablate.*); runs go to --runs-dir
 (default runs/ablate/<variant>/seed<s>, with eval.json beside each run). --resume reuses every run
-whose eval.json exists (an interrupted grid continues). Extra positional arguments are config
+already trained to --steps and its eval.json when it was made with the same evaluation settings (an
+interrupted grid continues; a finished grid is re-scored with other --eval-tokens without retraining).
+
+Deciding: seed s of every variant shares its data order and init seed with seed s of `baseline`, so
+the table also gives the paired change per seed (variant / baseline − 1 of the same seed: mean ± std
+over seeds, and in how many seeds the variant is better). A variant is called better (worse) when it is
+better (worse) in every seed and the paired mean exceeds the paired std; otherwise "within spread". Extra positional arguments are config
 overrides for every run (section.key=value), e.g. `train.micro_batch_size=4`.
 """
 
@@ -49,6 +55,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "rmsnorm": (["model.output_norm=rmsnorm"], "RMSNorm per head on the DA output"),
     "gate-conv-norm": (["model.output_gate=sigmoid", "model.qkv_conv=4", "model.output_norm=rmsnorm"],
                        "gate + conv4 + rmsnorm"),
+    "gate-conv": (["model.output_gate=sigmoid", "model.qkv_conv=4"], "gate + conv4"),
+    "gate-no-pde": (["model.output_gate=sigmoid", "model.pde.enabled=false"], "gate, without the PDE layer"),
     "no-pde": (["model.pde.enabled=false"], "DA without the PDE diffusion layer"),
     "half-life-256": (["model.half_life_max=256"], "initial half-lives 1 … 256 tokens instead of 1 … max_seq_len"),
     "softmax": (["model.attention=softmax"], "the SDPA + RoPE baseline"),
@@ -70,14 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder from `fluidlm data prepare` (default: the config's data.dir)")
     p.add_argument("--multipliers", default="1,4,16", help="evaluation lengths as multiples of the training length")
     p.add_argument("--eval-tokens", type=int, default=None, help="at most this many evaluation tokens per run "
-                                                                  "(default 16384; --quick 256; --scale 1048576)")
+                                                                  "(default 65536; --quick 256; --scale 1048576)")
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (torchrun when > 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: a 1-layer d_model-32 model, 3 steps, seed 0, "
                                                         "variants gate-conv-norm,softmax (CI; pass --data)")
     p.add_argument("--scale", action="store_true", help=f"the grid on {SCALE_CONFIG.relative_to(ROOT)} (GPUs; its "
                                                         "data.dir, 2000 steps, 1M eval tokens)")
     p.add_argument("--mlflow", action="store_true", help="log every run to MLflow (off by default: it costs time)")
-    p.add_argument("--resume", action="store_true", help="reuse every run whose eval.json already exists")
+    p.add_argument("--resume", action="store_true", help="reuse every run already trained to --steps, and its "
+                   "evaluation when that was made with the same settings (otherwise the checkpoint is re-scored)")
     p.add_argument("--runs-dir", default="runs/ablate", help="where the runs go")
     p.add_argument("--out", default=str(RESULTS / "ablate"), help="output path without suffix")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
@@ -93,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     args.steps = args.steps or (3 if args.quick else 2000 if args.scale else 150)
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    args.eval_tokens = args.eval_tokens or (256 if args.quick else 1048576 if args.scale else 16384)
+    args.eval_tokens = args.eval_tokens or (256 if args.quick else 1048576 if args.scale else 65536)
     args.multipliers = [int(m) for m in args.multipliers.split(",")]
     return args
 
@@ -138,13 +147,22 @@ def main(argv=None) -> None:
     per_run = {}
     for (variant, seed), (cfg, overrides) in plan.items():
         run_dir = runs / variant / f"seed{seed}"
-        report_path = run_dir / "eval.json"
-        timing = {}
-        if not (args.resume and report_path.is_file()):
+        report_path, settings_path = run_dir / "eval.json", run_dir / "eval_settings.json"
+        stream = cfg.model.attention == "da" and cfg.model.causal
+        settings = {"lengths": lengths, "max_tokens": args.eval_tokens, "max_doc_tokens": 2 * longest,
+                    "stream": stream, "data": str(data_dir)}
+        trained = (run_dir / "checkpoints" / f"step_{args.steps:08d}").is_dir() and (run_dir / "metrics.jsonl").is_file()
+        timings_path = run_dir / "ablate_timings.json"  # kept beside the run so --resume reports the whole grid
+        timing = json.loads(timings_path.read_text()) if args.resume and timings_path.is_file() else {}
+        if not (args.resume and trained):
             timing["train_s"] = train_run(run_dir, overrides, log, args.nproc, args.config)
-            stream = cfg.model.attention == "da" and cfg.model.causal
+        # --resume re-scores a trained run whose report was made with other evaluation settings.
+        if not (args.resume and report_path.is_file() and settings_path.is_file()
+                and json.loads(settings_path.read_text()) == settings):
             timing["eval_s"] = eval_run(run_dir, data_dir, lengths, report_path, log, max_doc_tokens=2 * longest,
                                         max_tokens=args.eval_tokens, stream=stream, mlflow=args.mlflow)
+            settings_path.write_text(json.dumps(settings))
+        timings_path.write_text(json.dumps(timing))
         report = json.loads(report_path.read_text())
         rows = train_metrics(run_dir)
         speeds = [r["tokens_per_s"] for r in rows[5:] or rows]
@@ -167,6 +185,9 @@ def main(argv=None) -> None:
             "train_loss_last20": spread([r["train_loss_last20"] for r in mine]),
             "perplexity": {str(n): spread([r["perplexity"][str(n)] for r in mine]) for n in lengths},
         }
+        if "baseline" in args.variants and variant != "baseline":
+            summary[variant]["paired_vs_baseline"] = paired(per_run, variant, args.seeds, lengths)
+            summary[variant]["paired_train_loss"] = paired_train_loss(per_run, variant, args.seeds)
     first = next(iter(per_run.values()))
     meta = {
         "command": "python bench/ablate.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -176,6 +197,8 @@ def main(argv=None) -> None:
         "eval": {"windows": "disjoint", "da": "streamed (causal)", "softmax": "full windows",
                  "pieces_tokens": 2 * longest, **first["eval_data"]},
         "wall_s": wall, "extra_overrides": args.overrides,
+        "train_s_total": sum(r["timings_s"].get("train_s", 0.0) for r in per_run.values()),
+        "eval_s_total": sum(r["timings_s"].get("eval_s", 0.0) for r in per_run.values()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +209,36 @@ def main(argv=None) -> None:
     plot(out.with_suffix(".png"), meta, summary, lengths)
     print("\n".join(lines))
     print(f"wrote {out.with_suffix('.md')}, .json, .png")
+
+
+def paired(per_run, variant: str, seeds: list[int], lengths: list[int]) -> dict:
+    """Per length: the per-seed relative change of perplexity against `baseline` of the same seed (same data
+    order and init seed), its spread, in how many seeds the variant is better, and the verdict."""
+    out = {}
+    for n in lengths:
+        d = [per_run[(variant, s)]["perplexity"][str(n)] / per_run[("baseline", s)]["perplexity"][str(n)] - 1
+             for s in seeds]
+        out[str(n)] = {**spread(d), "better_in": sum(x < 0 for x in d), "verdict": verdict(d)}
+    return out
+
+
+def paired_train_loss(per_run, variant: str, seeds: list[int]) -> dict:
+    """The per-seed difference (nats) of the last-20-step training loss against `baseline` of the same seed:
+    the same batches, each seen once, so it is a held-out estimate on the training distribution."""
+    d = [per_run[(variant, s)]["train_loss_last20"] - per_run[("baseline", s)]["train_loss_last20"] for s in seeds]
+    return {**spread(d), "better_in": sum(x < 0 for x in d), "verdict": verdict(d)}
+
+
+def verdict(changes: list[float]) -> str:
+    """'better' ('worse') when every seed is better (worse) and the mean change exceeds its std over seeds."""
+    if len(changes) < 2:
+        return "within spread"
+    mean, std = statistics.fmean(changes), statistics.stdev(changes)
+    if all(x < 0 for x in changes) and -mean > std:
+        return "better"
+    if all(x > 0 for x in changes) and mean > std:
+        return "worse"
+    return "within spread"
 
 
 def first_tokens_per_step(plan) -> int:
@@ -202,15 +255,19 @@ def table(meta, summary, lengths, mults) -> list[str]:
              f"`{meta['command']}` — {meta['config']}, {meta['steps']} steps (warm-up {meta['warmup_steps']}), "
              f"{meta['tokens_per_run']:,} training tokens per run, seeds {', '.join(map(str, seeds))} (each seed: the "
              f"same init seed and data order for every variant), model.max_seq_len={meta['max_seq_len']}; "
-             f"{meta['machine']}; grid wall time {meta['wall_s'] / 60:.1f} min.",
+             f"{meta['machine']}; training {meta['train_s_total'] / 60:.1f} min + evaluation "
+             f"{meta['eval_s_total'] / 60:.1f} min summed over the runs (this invocation: {meta['wall_s'] / 60:.1f} min).",
              f"Evaluation: {meta['eval']['documents']} pieces of {meta['eval']['pieces_tokens']} tokens of the val split, "
              f"{meta['eval']['tokens']:,} tokens, disjoint windows; DA streamed, softmax full windows. "
              f"Perplexity: mean ± std over {len(seeds)} seed(s) (min–max)"
-             + ("; Δ = change of the mean against `baseline`." if base else "."), ""]
+             + ("; paired Δ = per-seed change against `baseline` of the same seed (same data order and init), "
+                "mean ± std over seeds, [seeds in which the variant is better]; train loss = mean of the last 20 "
+                "steps' losses, on batches each seen once (the same batches for every variant of a seed)."
+                if base else "."), ""]
     head = "| variant | parameters | tokens/s | " + " | ".join(f"ppl @ {n} ({m}×)" for n, m in zip(lengths, mults))
-    head += " | " + " | ".join(f"Δ {m}×" for m in mults) if base else ""
-    lines += [head + " | train loss (last 20) |",
-              "|" + "---|" * (4 + len(lengths) + (len(lengths) if base else 0))]
+    head += " | " + " | ".join(f"paired Δ {m}×" for m in mults) if base else ""
+    head += " | train loss (last 20)" + (" | paired Δ train loss" if base else "")
+    lines += [head + " |", "|" + "---|" * (4 + len(lengths) + (len(lengths) + 1 if base else 0))]
     for name, s in summary.items():
         cells = [f"`{name}`", f"{s['parameters']:,}", f"{s['tokens_per_s']['mean']:,.0f}"]
         for n in lengths:
@@ -218,10 +275,20 @@ def table(meta, summary, lengths, mults) -> list[str]:
             cells.append(f"{p['mean']:.2f} ± {p['std']:.2f} ({p['min']:.2f}–{p['max']:.2f})")
         if base:
             for n in lengths:
-                b = base["perplexity"][str(n)]["mean"]
-                cells.append(f"{100 * (s['perplexity'][str(n)]['mean'] / b - 1):+.1f} %")
+                d = s.get("paired_vs_baseline", {}).get(str(n))
+                cells.append("—" if d is None else f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} % "
+                                                   f"[{d['better_in']}/{d['n']}]")
         cells.append(f"{s['train_loss_last20']['mean']:.3f} ± {s['train_loss_last20']['std']:.3f}")
+        if base:
+            d = s.get("paired_train_loss")
+            cells.append("—" if d is None else f"{d['mean']:+.3f} ± {d['std']:.3f} [{d['better_in']}/{d['n']}]")
         lines.append("| " + " | ".join(cells) + " |")
+    if base:
+        lines += ["", "Verdict against `baseline` (better/worse: in every seed, and the paired mean exceeds its std): "
+                  + "; ".join(f"`{name}` " + ", ".join(f"{m}× {s['paired_vs_baseline'][str(n)]['verdict']}"
+                                                         for n, m in zip(lengths, mults))
+                              + f", train loss {s['paired_train_loss']['verdict']}"
+                              for name, s in summary.items() if "paired_vs_baseline" in s) + "."]
     lines += ["", "Variants: " + "; ".join(f"`{n}` = {s['what']} ({' '.join(s['overrides'])})"
                                           for n, s in summary.items()) + "."]
     return lines

@@ -3,6 +3,7 @@ end to end on a tiny model with --device cpu, and refuses (exit 2) to run its re
 measurement without CUDA."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,23 @@ def test_ablation_rejects_unknown_variants_and_lists_them():
     listed = subprocess.run([sys.executable, "bench/ablate.py", "--list"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert listed.returncode == 0 and "gate-conv-norm" in listed.stdout and "softmax" in listed.stdout
+
+
+def test_ablation_verdict_is_paired_by_seed_and_needs_every_seed():
+    """A variant is 'better' only when it beats baseline of the same seed in every seed by more than the
+    seed-to-seed spread of that change; a baseline that is noisy across seeds cannot hide a consistent gain."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablate
+
+    ppl = {("baseline", 0): 300.0, ("baseline", 1): 400.0, ("baseline", 2): 350.0,
+           ("steady", 0): 291.0, ("steady", 1): 386.0, ("steady", 2): 340.0,      # −3 %, −3.5 %, −2.9 %
+           ("mixed", 0): 250.0, ("mixed", 1): 410.0, ("mixed", 2): 330.0,
+           ("bad", 0): 330.0, ("bad", 1): 440.0, ("bad", 2): 390.0}
+    per_run = {k: {"perplexity": {"256": v}} for k, v in ppl.items()}
+    steady = ablate.paired(per_run, "steady", [0, 1, 2], [256])["256"]
+    assert steady["verdict"] == "better" and steady["better_in"] == 3
+    assert abs(steady["mean"] - statistics.fmean([291 / 300 - 1, 386 / 400 - 1, 340 / 350 - 1])) < 1e-12
+    assert ablate.paired(per_run, "mixed", [0, 1, 2], [256])["256"]["verdict"] == "within spread"
+    assert ablate.paired(per_run, "bad", [0, 1, 2], [256])["256"]["verdict"] == "worse"
+    assert ablate.verdict([-0.5]) == "within spread"              # one seed decides nothing
+    assert ablate.verdict([-0.10, -0.01, -0.01]) == "within spread"  # every seed better, but mean −4 % < std 5.2 %

@@ -9,11 +9,7 @@ One pool of 4 forked processes runs every case once (CP=4 on the world group, CP
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import tempfile
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
@@ -33,6 +29,7 @@ from fluidlm.parallel.context import (
     window_cu_seqlens,
 )
 from fluidlm.model.layers import DenseLayers
+from forked_world import run_forked
 
 WORLD = 4
 N = 64
@@ -164,47 +161,24 @@ def _comm_case(group, rank):
     return res
 
 
-def _worker(rank, world, init_file, queue):
-    torch.set_num_threads(1)
+def _world_cases(rank, world):
     results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=90))
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-        groups = {4: dist.group.WORLD, 2: pairs[rank // 2]}
-        local_rank = {4: rank, 2: rank % 2}
-        jobs = [(_case_id("da", *c), _da_case, c) for c in DA_CASES]
-        jobs += [(_case_id("pde", *c), _pde_case, c) for c in PDE_CASES]
-        jobs += [(_case_id("layer", *c), _layer_case, c) for c in LAYER_CASES]
-        for name, fn, case in jobs:
-            cp = case[0]
-            results[name] = fn(groups[cp], local_rank[cp], *case)
-        results["comm"] = _comm_case(dist.group.WORLD, rank)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        results["error"] = traceback.format_exc()
-    queue.put((rank, results))
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    groups = {4: dist.group.WORLD, 2: pairs[rank // 2]}
+    local_rank = {4: rank, 2: rank % 2}
+    jobs = [(_case_id("da", *c), _da_case, c) for c in DA_CASES]
+    jobs += [(_case_id("pde", *c), _pde_case, c) for c in PDE_CASES]
+    jobs += [(_case_id("layer", *c), _layer_case, c) for c in LAYER_CASES]
+    for name, fn, case in jobs:
+        cp = case[0]
+        results[name] = fn(groups[cp], local_rank[cp], *case)
+    results["comm"] = _comm_case(dist.group.WORLD, rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def world_results():
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, WORLD, init_file, queue)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        try:
-            per_rank = dict(queue.get(timeout=240) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    errors = [r.get("error") for r in per_rank.values() if "error" in r]
-    assert not errors, errors[0]
-    return per_rank
+    return run_forked(_world_cases, WORLD)
 
 
 def _max_over_ranks(per_rank, name):

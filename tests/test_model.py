@@ -173,6 +173,15 @@ def test_bad_tokens_raise():
         model(torch.randn(2, 5))
 
 
+def stream_logits(model, tokens, windows):
+    """The logits of `tokens` fed to forward_stream window by window ([(start, end), ...]), and the last state."""
+    state, outs = None, []
+    for s, e in windows:
+        logits, state = model.forward_stream(tokens[:, s:e], state)
+        outs.append(logits)
+    return torch.cat(outs, dim=1), state
+
+
 @pytest.mark.parametrize("windows", [[(0, 70)], [(0, 1), (1, 2), (2, 70)], [(0, 2), (2, 9), (9, 40), (40, 70)]])
 @pytest.mark.parametrize("attention", ["da", "softmax"])
 def test_streaming_equals_full_context(windows, attention):
@@ -182,11 +191,8 @@ def test_streaming_equals_full_context(windows, attention):
     tokens = torch.randint(0, 97, (2, 70))
     with torch.no_grad():
         full = model(tokens)
-        state, outs = None, []
-        for s, e in windows:
-            logits, state = model.forward_stream(tokens[:, s:e], state)
-            outs.append(logits)
-    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+        streamed, _ = stream_logits(model, tokens, windows)
+    torch.testing.assert_close(streamed, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("over", [dict(attention="softmax", direction="bidirectional"), dict(direction="bidirectional")])

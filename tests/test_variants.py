@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import subprocess
 import sys
-import tempfile
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,8 @@ from fluidlm.model import FluidLM, ModelConfig
 from fluidlm.model.attention import (DifferentialAttentionLayer, StreamCache, causal_depthwise_conv,
                                      depthwise_causal_conv, initial_rho)
 from fluidlm.model.layers import DenseLayers
-from test_model import future_leaks, tiny
+from forked_world import run_forked
+from test_model import future_leaks, stream_logits, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +77,8 @@ def test_variant_streaming_equals_full_context(name, windows):
     tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(tokens)
-        state, outs = None, []
-        for s, e in windows:
-            logits, state = model.forward_stream(tokens[:, s:e], state)
-            outs.append(logits)
-    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+        streamed, state = stream_logits(model, tokens, windows)
+    torch.testing.assert_close(streamed, full, rtol=1e-5, atol=1e-5)
     if VARIANTS[name].get("qkv_conv"):
         assert state["blocks"][0].qkv_rows.shape == (2, VARIANTS[name]["qkv_conv"] - 1, 3 * 2 * 16)
 
@@ -189,54 +183,31 @@ CP_VARIANTS = ["conv4", "all"]
 CP_CASES = [(name, causal) for name in CP_VARIANTS for causal in (True, False)]
 
 
-def _cp_worker(rank, init_file, queue):
+def _cp_cases(rank, world):
     from fluidlm.parallel.context import cp_attention_layer
     from test_context_parallel import DOCS, N, _whole_vs_shards
 
-    torch.set_num_threads(1)
     results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=90))
-        for name, causal in CP_CASES:
-            torch.manual_seed(3)
-            cfg = ModelConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, head_dim=4, max_seq_len=64,
-                              chunk_size=8, direction="causal" if causal else "bidirectional", **VARIANTS[name])
-            layer = DifferentialAttentionLayer(cfg, DenseLayers(), out_init_std=0.1).double()
-            with torch.no_grad():
-                layer.flow.conv_weight.normal_()
-                layer.qkv_conv_weight.normal_()  # every tap live, so the 3-token halo matters
-                if layer.out_norm is not None:
-                    layer.out_norm.weight.normal_()
-            out, grad_x, grad_params = _whole_vs_shards(
-                layer, cp_attention_layer, torch.randn(1, N, 16, dtype=torch.float64), torch.tensor(DOCS["cross"]),
-                dist.group.WORLD, rank, 2)
-            results[f"{name}-{causal}"] = max(out, grad_x, grad_params)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        results["error"] = traceback.format_exc()
-    queue.put((rank, results))
+    for name, causal in CP_CASES:
+        torch.manual_seed(3)
+        cfg = ModelConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, head_dim=4, max_seq_len=64,
+                          chunk_size=8, direction="causal" if causal else "bidirectional", **VARIANTS[name])
+        layer = DifferentialAttentionLayer(cfg, DenseLayers(), out_init_std=0.1).double()
+        with torch.no_grad():
+            layer.flow.conv_weight.normal_()
+            layer.qkv_conv_weight.normal_()  # every tap live, so the 3-token halo matters
+            if layer.out_norm is not None:
+                layer.out_norm.weight.normal_()
+        out, grad_x, grad_params = _whole_vs_shards(
+            layer, cp_attention_layer, torch.randn(1, N, 16, dtype=torch.float64), torch.tensor(DOCS["cross"]),
+            dist.group.WORLD, rank, world)
+        results[f"{name}-{causal}"] = max(out, grad_x, grad_params)
+    return results
 
 
 @pytest.fixture(scope="module")
 def cp_results():
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_cp_worker, args=(r, init_file, queue)) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            per_rank = dict(queue.get(timeout=240) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    errors = [r["error"] for r in per_rank.values() if "error" in r]
-    assert not errors, errors[0]
-    return per_rank
+    return run_forked(_cp_cases, 2)
 
 
 @pytest.mark.parametrize("case", CP_CASES, ids=lambda c: f"{c[0]}-{'causal' if c[1] else 'bidirectional'}")

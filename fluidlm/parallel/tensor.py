@@ -4,9 +4,11 @@
 ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding (which work on CPU with gloo
 given `use_cpu_initialization=True`). A column split keeps whole heads per rank because the fused
 QKV is laid out (head, q|k|v, head_dim); λ's ρ and the flow encoder's Δ rows are split with the
-heads; the FFN hidden size and the vocabulary are split too. Everything else (norms, the PDE
-layer, the flow conv) is replicated: its gradients come out of all-reduced activations, so it
-stays bit-identical on every TP rank without extra communication.
+heads, and so are the optional per-head parameters of the DA variants (the q|k|v conv's taps, the
+per-head output RMSNorm's weights; the output gate is a column-parallel linear); the FFN hidden size
+and the vocabulary are split too. Everything else (the block norms, the PDE layer, the flow conv) is
+replicated: its gradients come out of all-reduced activations, so it stays bit-identical on every TP
+rank without extra communication.
 
 Every TP-sliced parameter carries megatron's attributes (`tensor_model_parallel`,
 `partition_dim`): they tell DeepSpeed's gradient-norm code not to double count replicated
