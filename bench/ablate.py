@@ -29,8 +29,10 @@ interrupted grid continues; a finished grid is re-scored with other --eval-token
 Deciding: seed s of every variant shares its data order and init seed with seed s of `baseline`, so
 the table also gives the paired change per seed (variant / baseline − 1 of the same seed: mean ± std
 over seeds, and in how many seeds the variant is better). A variant is called better (worse) when it is
-better (worse) in every seed and the paired mean exceeds the paired std; otherwise "within spread". Extra positional arguments are config
-overrides for every run (section.key=value), e.g. `train.micro_batch_size=4`.
+better (worse) in every seed and the paired mean exceeds the paired std; otherwise "within spread".
+
+Extra positional arguments are config overrides for every run (section.key=value), e.g.
+`train.micro_batch_size=4`.
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ def main(argv=None) -> None:
         stream = cfg.model.attention == "da" and cfg.model.causal
         settings = {"lengths": lengths, "max_tokens": args.eval_tokens, "max_doc_tokens": 2 * longest,
                     "stream": stream, "data": str(data_dir)}
-        trained = (run_dir / "checkpoints" / f"step_{args.steps:08d}").is_dir() and (run_dir / "metrics.jsonl").is_file()
+        trained = ((run_dir / "checkpoints" / f"step_{args.steps:08d}").is_dir()
+                   and (run_dir / "metrics.jsonl").is_file())
         timings_path = run_dir / "ablate_timings.json"  # kept beside the run so --resume reports the whole grid
         timing = json.loads(timings_path.read_text()) if args.resume and timings_path.is_file() else {}
         if not (args.resume and trained):
@@ -218,7 +221,7 @@ def paired(per_run, variant: str, seeds: list[int], lengths: list[int]) -> dict:
     for n in lengths:
         d = [per_run[(variant, s)]["perplexity"][str(n)] / per_run[("baseline", s)]["perplexity"][str(n)] - 1
              for s in seeds]
-        out[str(n)] = {**spread(d), "better_in": sum(x < 0 for x in d), "verdict": verdict(d)}
+        out[str(n)] = paired_stats(d)
     return out
 
 
@@ -226,7 +229,12 @@ def paired_train_loss(per_run, variant: str, seeds: list[int]) -> dict:
     """The per-seed difference (nats) of the last-20-step training loss against `baseline` of the same seed:
     the same batches, each seen once, so it is a held-out estimate on the training distribution."""
     d = [per_run[(variant, s)]["train_loss_last20"] - per_run[("baseline", s)]["train_loss_last20"] for s in seeds]
-    return {**spread(d), "better_in": sum(x < 0 for x in d), "verdict": verdict(d)}
+    return paired_stats(d)
+
+
+def paired_stats(changes: list[float]) -> dict:
+    """The spread of per-seed changes (negative = better), in how many seeds the variant is better, the verdict."""
+    return {**spread(changes), "better_in": sum(x < 0 for x in changes), "verdict": verdict(changes)}
 
 
 def verdict(changes: list[float]) -> str:
@@ -256,7 +264,8 @@ def table(meta, summary, lengths, mults) -> list[str]:
              f"{meta['tokens_per_run']:,} training tokens per run, seeds {', '.join(map(str, seeds))} (each seed: the "
              f"same init seed and data order for every variant), model.max_seq_len={meta['max_seq_len']}; "
              f"{meta['machine']}; training {meta['train_s_total'] / 60:.1f} min + evaluation "
-             f"{meta['eval_s_total'] / 60:.1f} min summed over the runs (this invocation: {meta['wall_s'] / 60:.1f} min).",
+             f"{meta['eval_s_total'] / 60:.1f} min summed over the runs "
+             f"(this invocation: {meta['wall_s'] / 60:.1f} min).",
              f"Evaluation: {meta['eval']['documents']} pieces of {meta['eval']['pieces_tokens']} tokens of the val split, "
              f"{meta['eval']['tokens']:,} tokens, disjoint windows; DA streamed, softmax full windows. "
              f"Perplexity: mean ± std over {len(seeds)} seed(s) (min–max)"
