@@ -49,6 +49,9 @@ that to run them on CPU tensors (tests); `fluidlm.kernels.dispatch` imports it l
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +64,7 @@ TARGET_PROGRAMS = 8 * H100_SMS  # the segment length is chosen to give the pass-
 _MAX_BK = 64  # tile caps (tests lower them to exercise several K / V blocks at small head dims)
 _MAX_BV = 64
 _MAX_BT = 64
+MAX_SEGMENT_CHUNKS = 32  # 2,048 tokens at BT = 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +93,17 @@ def _beta(g):
     """β = 1 - exp(g) without cancellation: a degree-6 series for |g| < 0.1 (relative error < 3e-10)."""
     series = -g * (1.0 + g * (0.5 + g * (1.0 / 6 + g * (1.0 / 24 + g * (1.0 / 120 + g * (1.0 / 720))))))
     return tl.where(g > -0.1, series, 1.0 - tl.exp(g))
+
+
+@triton.jit
+def _op(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """A dot operand in the input dtype DT. Under the interpreter (UPCAST, half dtypes) it is rounded to DT
+    and held in fp32: Triton 3.7's interpreter computes bf16 dots wrongly, and fp32 products of rounded
+    operands are exactly the compiled kernel's (a bf16 × bf16 product is exact in fp32, accumulated in fp32)."""
+    if UPCAST:
+        return x.to(DT).to(tl.float32)
+    else:
+        return x.to(DT)
 
 
 @triton.jit
@@ -125,7 +140,7 @@ def _segment(lo_ptr, hi_ptr, row_ptr, j, H, h):
 # Kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N"])
 def _summary_kernel(
     x_ptr, y_ptr, g_ptr, rden_ptr, dden_ptr, lo_ptr, hi_ptr, row_ptr, u_ptr, uz_ptr, a_ptr,
     H, N, K, V,
@@ -147,8 +162,6 @@ def _summary_kernel(
     rden_ptr += bh * N
     dden_ptr += bh * N
     DT = x_ptr.dtype.element_ty
-    if UPCAST:
-        DT = tl.float32
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -176,7 +189,7 @@ def _summary_kernel(
             y = tl.load(y_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
             y0 = tl.where(m, 1.0, 0.0)
         xw = tl.where(m_tk, x * kw[:, None], 0.0)
-        acc = acc * carry + tl.dot(tl.trans(xw.to(DT)), y.to(DT), input_precision=PREC)
+        acc = acc * carry + tl.dot(tl.trans(_op(xw, DT, UPCAST)), _op(y, DT, UPCAST), input_precision=PREC)
         accz = accz * carry + tl.sum(xw * y0[:, None], axis=0)
         total += b_last
     base = j * H + h
@@ -185,7 +198,7 @@ def _summary_kernel(
     tl.store(a_ptr + base, tl.exp(total), mask=i_kv == 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _combine_kernel(
     u_ptr, uz_ptr, a_ptr, first_ptr, count_ptr, init_ptr, initz_ptr, e_ptr, ez_ptr, fin_ptr, finz_ptr,
     H, K, V,
@@ -228,7 +241,7 @@ def _combine_kernel(
         tl.store(finz_ptr + dbase * K + o_k, sz, mask=m_k & (i_v == 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, lo_ptr, hi_ptr, row_ptr, e_ptr, ez_ptr, num_ptr, den_ptr, o_ptr, rden_ptr,
     H, N, K, V, eps,
@@ -248,8 +261,6 @@ def _fwd_kernel(
     den_ptr += bh * N
     rden_ptr += bh * N
     DT = q_ptr.dtype.element_ty
-    if UPCAST:
-        DT = tl.float32
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -270,10 +281,10 @@ def _fwd_kernel(
         fq = tl.where(m_tk, _phi(tl.load(q_ptr + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32), FM), 0.0)
         fk = _phi(tl.load(k_ptr + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32), FM)
         fk = tl.where(m_tk, fk * _beta(gg)[:, None], 0.0)
-        vv = tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
-        a = tl.dot(fq.to(DT), tl.trans(fk.to(DT)), input_precision=PREC) * dec
+        vv = _op(tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0), DT, UPCAST)
+        a = tl.dot(_op(fq, DT, UPCAST), tl.trans(_op(fk, DT, UPCAST)), input_precision=PREC) * dec
         qs = fq * qw[:, None]
-        num = tl.dot(a.to(DT), vv, input_precision=PREC) + tl.dot(qs.to(DT), s.to(DT), input_precision=PREC)
+        num = tl.dot(_op(a, DT, UPCAST), vv, input_precision=PREC) + tl.dot(_op(qs, DT, UPCAST), _op(s, DT, UPCAST), input_precision=PREC)
         den = tl.sum(a, axis=1) + tl.sum(qs * z[None, :], axis=1)
         if ADD:
             num += tl.load(num_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
@@ -286,11 +297,11 @@ def _fwd_kernel(
             tl.store(num_ptr + t[:, None] * V + o_v[None, :], num, mask=m_tv)
             tl.store(den_ptr + t, den, mask=m & (i_v == 0))
         ke = fk * kw[:, None]
-        s = s * carry + tl.dot(tl.trans(ke.to(DT)), vv, input_precision=PREC)
+        s = s * carry + tl.dot(tl.trans(_op(ke, DT, UPCAST)), vv, input_precision=PREC)
         z = z * carry + tl.sum(ke, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N", "BHN"])
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, rden_ptr, dden_ptr, lo_ptr, hi_ptr, row_ptr, e_ptr, ez_ptr,
     buf_ptr, dq_ptr, dc_ptr,
@@ -314,8 +325,6 @@ def _dq_kernel(
     dden_ptr += bh * N
     dc_ptr += i_k.to(tl.int64) * BHN + bh * N
     DT = q_ptr.dtype.element_ty
-    if UPCAST:
-        DT = tl.float32
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -335,13 +344,13 @@ def _dq_kernel(
         m_tv = m[:, None] & m_v[None, :]
         fk = _phi(tl.load(k_ptr + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32), FM)
         fk = tl.where(m_tk, fk * _beta(gg)[:, None], 0.0)
-        vv = tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
+        vv = _op(tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0), DT, UPCAST)
         r = tl.load(rden_ptr + t, mask=m, other=0.0)
         dd = tl.load(dden_ptr + t, mask=m, other=0.0)
-        dn = (tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None]).to(DT)
+        dn = _op(tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None], DT, UPCAST)
         da = (tl.dot(dn, tl.trans(vv), input_precision=PREC) + dd[:, None]) * dec
-        dfq = tl.dot(da.to(DT), fk.to(DT), input_precision=PREC)
-        dfq += qw[:, None] * (tl.dot(dn, tl.trans(s.to(DT)), input_precision=PREC) + dd[:, None] * z[None, :])
+        dfq = tl.dot(_op(da, DT, UPCAST), _op(fk, DT, UPCAST), input_precision=PREC)
+        dfq += qw[:, None] * (tl.dot(dn, tl.trans(_op(s, DT, UPCAST)), input_precision=PREC) + dd[:, None] * z[None, :])
         qr = tl.load(q_ptr + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
         fq = tl.where(m_tk, _phi(qr, FM), 0.0)
         if REV:
@@ -355,11 +364,11 @@ def _dq_kernel(
         else:
             tl.store(buf_ptr + t[:, None] * K + o_k[None, :], dfq, mask=m_tk)
         ke = fk * kw[:, None]
-        s = s * carry + tl.dot(tl.trans(ke.to(DT)), vv, input_precision=PREC)
+        s = s * carry + tl.dot(tl.trans(_op(ke, DT, UPCAST)), vv, input_precision=PREC)
         z = z * carry + tl.sum(ke, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N", "BHN"])
 def _dk_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, rden_ptr, dden_ptr, lo_ptr, hi_ptr, row_ptr, x_ptr, xz_ptr,
     buf_ptr, dk_ptr, dc_ptr, db_ptr,
@@ -384,8 +393,6 @@ def _dk_kernel(
     dc_ptr += i_k.to(tl.int64) * BHN + bh * N
     db_ptr += i_k.to(tl.int64) * BHN + bh * N
     DT = q_ptr.dtype.element_ty
-    if UPCAST:
-        DT = tl.float32
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -408,14 +415,18 @@ def _dk_kernel(
         f0 = tl.where(m_tk, _phi(kr, FM), 0.0)
         bt = _beta(gg)
         fk = f0 * bt[:, None]
-        vv = tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
+        vv = _op(tl.load(v_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0), DT, UPCAST)
         r = tl.load(rden_ptr + t, mask=m, other=0.0)
         dd = tl.load(dden_ptr + t, mask=m, other=0.0)
-        dn = (tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None]).to(DT)
+        dn = _op(tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None], DT, UPCAST)
         da = (tl.dot(dn, tl.trans(vv), input_precision=PREC) + dd[:, None]) * dec
-        dfk = tl.dot(tl.trans(da.to(DT)), fq.to(DT), input_precision=PREC)
-        dfk += kw[:, None] * (tl.dot(vv, tl.trans(ds.to(DT)), input_precision=PREC) + dz[None, :])
+        dfk = tl.dot(tl.trans(_op(da, DT, UPCAST)), _op(fq, DT, UPCAST), input_precision=PREC)
+        dfk += kw[:, None] * (tl.dot(vv, tl.trans(_op(ds, DT, UPCAST)), input_precision=PREC) + dz[None, :])
         dfk = tl.where(m_tk, dfk, 0.0)
+        # the state gradient moves on before the stores: fq, dn and vv die here (fewer live registers)
+        qs = fq * qw[:, None]
+        ds = ds * carry + tl.dot(tl.trans(_op(qs, DT, UPCAST)), dn, input_precision=PREC)
+        dz = dz * carry + tl.sum(qs * dd[:, None], axis=0)
         if REV:
             tl.store(dc_ptr + t, tl.sum(fk * dfk, axis=1), mask=m)
         else:
@@ -428,12 +439,9 @@ def _dk_kernel(
             tl.store(db_ptr + t, tl.sum(f0 * dfk, axis=1), mask=m)
         else:
             tl.store(buf_ptr + t[:, None] * K + o_k[None, :], dfk, mask=m_tk)
-        qs = fq * qw[:, None]
-        ds = ds * carry + tl.dot(tl.trans(qs.to(DT)), dn, input_precision=PREC)
-        dz = dz * carry + tl.sum(qs * dd[:, None], axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N"])
 def _dv_kernel(
     q_ptr, k_ptr, g_ptr, do_ptr, rden_ptr, lo_ptr, hi_ptr, row_ptr, x_ptr, buf_ptr, dv_ptr,
     H, N, K, V,
@@ -453,8 +461,6 @@ def _dv_kernel(
     g_ptr += bh * N
     rden_ptr += bh * N
     DT = q_ptr.dtype.element_ty
-    if UPCAST:
-        DT = tl.float32
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -475,10 +481,10 @@ def _dv_kernel(
         fk = _phi(tl.load(k_ptr + t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32), FM)
         fk = tl.where(m_tk, fk * _beta(gg)[:, None], 0.0)
         r = tl.load(rden_ptr + t, mask=m, other=0.0)
-        dn = (tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None]).to(DT)
-        a = tl.dot(fq.to(DT), tl.trans(fk.to(DT)), input_precision=PREC) * dec
-        dvv = tl.dot(tl.trans(a.to(DT)), dn, input_precision=PREC)
-        dvv += kw[:, None] * tl.dot(fk.to(DT), ds.to(DT), input_precision=PREC)
+        dn = _op(tl.load(do_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32) * r[:, None], DT, UPCAST)
+        a = tl.dot(_op(fq, DT, UPCAST), tl.trans(_op(fk, DT, UPCAST)), input_precision=PREC) * dec
+        dvv = tl.dot(tl.trans(_op(a, DT, UPCAST)), dn, input_precision=PREC)
+        dvv += kw[:, None] * tl.dot(_op(fk, DT, UPCAST), _op(ds, DT, UPCAST), input_precision=PREC)
         if ACC:
             dvv += tl.load(buf_ptr + t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if FINAL:
@@ -486,7 +492,7 @@ def _dv_kernel(
         else:
             tl.store(buf_ptr + t[:, None] * V + o_v[None, :], dvv, mask=m_tv)
         qs = fq * qw[:, None]
-        ds = ds * carry + tl.dot(tl.trans(qs.to(DT)), dn, input_precision=PREC)
+        ds = ds * carry + tl.dot(tl.trans(_op(qs, DT, UPCAST)), dn, input_precision=PREC)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,9 +517,10 @@ def blocks(d: int, dv: int, chunk_size: int) -> dict:
 
 def choose_segment_chunks(tokens: int, heads: int, n_v: int, bt: int, target: int = TARGET_PROGRAMS) -> int:
     """Chunks per segment so that the pass-2 kernels launch about `target` programs
-    (segments · V blocks · heads); at least one chunk per segment."""
+    (segments · V blocks · heads); at least one chunk per segment, at most MAX_SEGMENT_CHUNKS (dg sums
+    per-token terms within a segment: its rounding error grows with the segment, not the document)."""
     want = max(1, triton.cdiv(target, n_v * heads))
-    return max(1, triton.cdiv(tokens, bt) // want)
+    return min(MAX_SEGMENT_CHUNKS, max(1, triton.cdiv(tokens, bt) // want))
 
 
 def plan(b: int, h: int, n: int, d: int, dv: int, *, chunk_size: int = 64, causal: bool = True,
@@ -541,6 +548,16 @@ def plan(b: int, h: int, n: int, d: int, dv: int, *, chunk_size: int = 64, causa
                 n_k=nk, n_v=nv, tiles=tiles, launches=launches)
 
 
+def launch_config(kernel: str, d: int, dv: int, dtype: torch.dtype) -> dict:
+    """num_warps and num_stages of a pass-2 kernel ("fwd", "dq", "dk", "dv"), chosen from the sm_90 / sm_80
+    compiles of bench/kernels_compile.py (bench/results/kernels_compile.md): two pipeline stages fit every
+    tile in shared memory (the default three put fp32 d=128 and bf16 d=256 over the H100's 227 KiB), and
+    eight warps halve the registers per thread where a full 128- or 256-wide tile is held (four warps spill
+    there). The dk kernel keeps one stage: the most live tiles (fq, φ(k), v, do, dA, dφk and the state)."""
+    wide = max(d, dv) > 64 or dtype == torch.float32
+    return dict(num_warps=8 if wide else 4, num_stages=1 if kernel == "dk" else 2)
+
+
 class _Geometry:
     """Plan plus the device-side segment table (built with torch ops, no host synchronisation)."""
 
@@ -557,6 +574,7 @@ class _Geometry:
                  n_docs=None if cu_seqlens is None else n_docs, segment_chunks=segment_chunks)
         self.user_cu = cu_seqlens
         self.upcast = _upcast(q)
+        self.dtype = q.dtype
         self.__dict__.update(p)
         self.b, self.h, self.n, self.d, self.dv, self.cu = b, h, n, d, dv, cu
         seg_len, j_max = p["segment_len"], p["segments"]
@@ -570,6 +588,11 @@ class _Geometry:
         docc = doc.clamp(max=n_docs - 1)
         start = cu[docc] + (jj - first[docc]) * seg_len
         end = torch.minimum(start + seg_len, cu[docc + 1])
+        # dg's boundary terms (_decay_grad): each segment's document, whether it is the document's last
+        # segment (surplus entries count as last), and the flat start of every segment (surplus: B·N)
+        self.seg_doc = docc
+        self.seg_last = ~valid | (jj - first[docc] == nseg[docc] - 1)
+        self.seg_start = torch.where(valid, start, b * n)
         start = torch.where(valid, start, 0)
         end = torch.where(valid, end, 0)
         row = torch.div(start, n, rounding_mode="floor")
@@ -592,7 +615,7 @@ def _summaries(geo, x, y, g, rden, dden, *, to_start, grad, fm, prec):
     _summary_kernel[(j, geo.tiles, h)](
         x, y, g, rden, dden, geo.lo, geo.hi, geo.row, u, uz, a, h, geo.n, d, dv,
         BT=blk["BT"], BK=blk["BKS"], BV=blk["BVS"], TO_START=to_start, GRAD=grad, FM=fm, PREC=prec,
-        UPCAST=_upcast(x), num_warps=4,
+        UPCAST=_upcast(x), num_warps=4, num_stages=2,
     )
     return u, uz, a
 
@@ -612,18 +635,20 @@ def _combine(geo, u, uz, a, *, rev, init=None, final=False):
 
 def _upcast(x) -> bool:
     """Triton 3.7's interpreter computes tl.dot on bf16 operands wrongly (garbage, not rounding): there the
-    dots run on fp32 operands. Compiled kernels always use the input dtype."""
+    dot operands are rounded to bf16 and multiplied in fp32 (`_op`), which is what the compiled kernels do.
+    Compiled kernels always use the input dtype."""
     return INTERPRET and x.dtype == torch.bfloat16
 
 
-def _meta(geo, fm, prec, **kw):
-    return dict(BT=geo.blocks["BT"], FM=fm, PREC=prec, UPCAST=geo.upcast, num_warps=4 if geo.blocks["BKF"] * geo.blocks["BV"] <= 4096 else 8, **kw)
+def _meta(geo, kernel, fm, prec, **kw):
+    return dict(BT=geo.blocks["BT"], FM=fm, PREC=prec, UPCAST=geo.upcast,
+                **launch_config(kernel, geo.d, geo.dv, geo.dtype), **kw)
 
 
-def _forward(geo, q, k, v, g, init, causal, fm, eps, prec):
+def _forward(geo, q, k, v, g, init, causal, fm, eps, prec, want_final):
     j, h, n, d, dv, blk = geo.segments, geo.h, geo.n, geo.d, geo.dv, geo.blocks
     u, uz, a = _summaries(geo, k, v, g, g, g, to_start=False, grad=False, fm=fm, prec=prec)
-    e, ez, final = _combine(geo, u, uz, a, rev=False, init=init, final=True)
+    e, ez, final = _combine(geo, u, uz, a, rev=False, init=init, final=want_final)
     del u, uz
     o = torch.empty(geo.b, h, n, dv, device=q.device, dtype=q.dtype)
     rden = torch.empty(geo.b, h, n, device=q.device, dtype=torch.float32)
@@ -632,7 +657,7 @@ def _forward(geo, q, k, v, g, init, causal, fm, eps, prec):
     e2 = ez2 = None
     if causal:
         _fwd_kernel[grid](q, k, v, g, geo.lo, geo.hi, geo.row, e, ez, o, rden, o, rden, *common,
-                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, fm, prec, REV=False, FINAL=True, ADD=False))
+                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, "fwd", fm, prec, REV=False, FINAL=True, ADD=False))
     else:
         u2, uz2, _ = _summaries(geo, k, v, g, g, g, to_start=True, grad=False, fm=fm, prec=prec)
         e2, ez2, _ = _combine(geo, u2, uz2, a, rev=True)
@@ -640,9 +665,9 @@ def _forward(geo, q, k, v, g, init, causal, fm, eps, prec):
         num = torch.empty(geo.b, h, n, dv, device=q.device, dtype=torch.float32)
         den = torch.empty(geo.b, h, n, device=q.device, dtype=torch.float32)
         _fwd_kernel[grid](q, k, v, g, geo.lo, geo.hi, geo.row, e2, ez2, num, den, o, rden, *common,
-                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, fm, prec, REV=True, FINAL=False, ADD=False))
+                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, "fwd", fm, prec, REV=True, FINAL=False, ADD=False))
         _fwd_kernel[grid](q, k, v, g, geo.lo, geo.hi, geo.row, e, ez, num, den, o, rden, *common,
-                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, fm, prec, REV=False, FINAL=True, ADD=True))
+                          BK=blk["BKF"], BV=blk["BV"], **_meta(geo, "fwd", fm, prec, REV=False, FINAL=True, ADD=True))
     return o, rden, a, (e, ez), (e2, ez2), final
 
 
@@ -671,33 +696,49 @@ def _backward(geo, q, k, v, g, o, rden, a, fwd_states, anti_states, final, dfina
     bufv = torch.empty(b, h, n, dv, device=q.device, dtype=torch.float32) if two else dv_
     seg = (geo.lo, geo.hi, geo.row)
     for i, (rev, (e, ez), (gx, gxz)) in enumerate(dirs):
-        flags = dict(ACC=two and i == 1, FINAL=i == len(dirs) - 1)
-        mk = _meta(geo, fm, prec, REV=rev, **flags)
+        flags = dict(REV=rev, ACC=two and i == 1, FINAL=i == len(dirs) - 1)
         _dq_kernel[(j, nk, h)](q, k, v, g, do, rden, dden, *seg, e, ez, bufq, dq, dc[2 * i * nk:],
-                               h, n, d, dv, bhn, BK=blk["BK"], BV=blk["BVF"], **mk)
+                               h, n, d, dv, bhn, BK=blk["BK"], BV=blk["BVF"], **_meta(geo, "dq", fm, prec, **flags))
         _dk_kernel[(j, nk, h)](q, k, v, g, do, rden, dden, *seg, gx, gxz, bufk, dk, dc[(2 * i + 1) * nk:], db,
-                               h, n, d, dv, bhn, BK=blk["BK"], BV=blk["BVF"], **mk)
+                               h, n, d, dv, bhn, BK=blk["BK"], BV=blk["BVF"], **_meta(geo, "dk", fm, prec, **flags))
         _dv_kernel[(j, nv, h)](q, k, g, do, rden, *seg, gx, bufv, dv_, h, n, d, dv,
-                               BK=blk["BKF"], BV=blk["BV"], **mk)
-    dcum = dc.sum(0)
+                               BK=blk["BKF"], BV=blk["BV"], **_meta(geo, "dv", fm, prec, **flags))
     end_terms = None
     if dfinal is not None:
         end_terms = (dfinal[0] * final[0]).sum((-1, -2)) + (dfinal[1] * final[1]).sum(-1)  # (docs, H)
-    dg = _segment_reverse_cumsum(dcum, geo.cu, end_terms) - torch.exp(g.float()) * db.sum(0)
+    causal_b = (fwd_states, (x, xz))
+    anti_b = None if causal else (anti_states, (x2, xz2))
+    dg = _decay_grad(geo, dc.sum(0), causal_b, anti_b, end_terms) - torch.exp(g.float()) * db.sum(0)
     return dq, dk, dv_, dg.to(g.dtype), dinit
 
 
-def _segment_reverse_cumsum(x, cu, end_terms):
-    """out_t = Σ_{s ≥ t in t's document} x_s (+ end_terms at each document's last token); fp64, one cumsum."""
-    b, h, n = x.shape
-    xf = x.transpose(0, 1).reshape(h, b * n).double()
-    last = cu[1:] - 1
-    if end_terms is not None:
-        xf.index_add_(1, last, end_terms.t().double())
+def _decay_grad(geo, dcum, causal_b, anti_b, end_terms):
+    """∂L/∂g from the per-token ∂L/∂G_t (`dcum`, written by the kernels): g_t enters every G_s with s ≥ t
+    of its document, so dg_t = Σ_{s ≥ t} dcum_s. The sum runs inside t's segment only; the rest of the
+    document is one boundary term per segment: shifting G_s for every s ≥ start of segment j+1 scales
+    exactly what crosses that boundary, so Σ_{s ≥ start_{j+1}} dcum_s = ⟨S_j→, dS_j→⟩ (the state leaving
+    segment j and its gradient, both already computed; + ⟨z, dz⟩) — plus, bidirectional, the state the
+    anti-causal pass carries leftwards over the boundary. At a document's last segment the term is
+    ⟨final state, its gradient⟩. A reverse cumsum over the whole document instead adds up N per-token
+    rounding errors (bf16 dots): its error grew as √N; this one is bounded by the segment length.
+    fp64 sums; no host synchronisation."""
+    b, h, n = dcum.shape
+    j_max = geo.segments
+    nxt = torch.arange(1, j_max + 1, device=dcum.device).clamp(max=j_max - 1)
+    (e, ez), (x, xz) = causal_b  # e[j]: state entering segment j; x[j]: gradient of the state leaving j
+    bound = (e[nxt].double() * x).sum((-1, -2)) + (ez[nxt].double() * xz).sum(-1)  # (J, H)
+    if anti_b is not None:  # e2[j]: anti-causal state entering j from the right; x2[j+1]: its gradient
+        (e2, ez2), (x2, xz2) = anti_b
+        bound = bound + (e2.double() * x2[nxt]).sum((-1, -2)) + (ez2.double() * xz2[nxt]).sum(-1)
+    last = end_terms[geo.seg_doc].double() if end_terms is not None else torch.zeros_like(bound)
+    bound = torch.where(geo.seg_last[:, None], last, bound)
+    xf = dcum.transpose(0, 1).reshape(h, b * n).double()
     c = torch.cumsum(xf, 1)
-    pos = torch.arange(b * n, device=x.device)
-    doc = torch.searchsorted(cu, pos, right=True) - 1
-    out = c[:, last[doc]] - c + xf
+    pos = torch.arange(b * n, device=dcum.device)
+    seg = torch.searchsorted(geo.seg_start, pos, right=True) - 1  # every token's segment
+    seg_end = torch.cat([geo.seg_start[1:], geo.seg_start.new_tensor([b * n])])
+    last_tok = torch.minimum(seg_end[seg], geo.cu[geo.seg_doc[seg] + 1]) - 1
+    out = c[:, last_tok] - c + xf + bound[seg].t()
     return out.reshape(h, b, n).transpose(0, 1).float()
 
 
@@ -709,47 +750,67 @@ BROKEN: str | None = None  # set when a backward kernel failed: later calls go t
 _BACKWARD_FALLBACK_WARNED = False
 
 
+def strict() -> bool:
+    """FLUIDLM_STRICT_KERNELS=1 (the GPU tests and scripts/gpu_check.sh set it): a failing Triton kernel
+    raises instead of falling back to `chunked`, so no test can pass on the fallback."""
+    return os.environ.get("FLUIDLM_STRICT_KERNELS", "") not in ("", "0")
+
+
+def _on_device(t):
+    """Launch on t's GPU whatever the current device is (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _DifferentialAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, z0, geo, causal, fm, eps, prec):
+    def forward(ctx, q, k, v, g, s0, z0, geo, causal, fm, eps, prec, want_final):
         init = None if s0 is None else (s0, z0)
-        o, rden, a, fst, ast, final = _forward(geo, q, k, v, g, init, causal, fm, eps, prec)
-        ctx.save_for_backward(q, k, v, g, o, rden, a, *fst, *(ast if not causal else ()), *final,
+        with _on_device(q):
+            o, rden, a, fst, ast, final = _forward(geo, q, k, v, g, init, causal, fm, eps, prec, want_final)
+        ctx.save_for_backward(q, k, v, g, o, rden, a, *fst, *(ast if not causal else ()), *(final or ()),
                               *(init if init is not None else ()))
-        ctx.meta = (geo, causal, fm, eps, prec, init is not None)
+        ctx.meta = (geo, causal, fm, eps, prec, init is not None, want_final)
         ctx.set_materialize_grads(False)
+        if final is None:
+            return o, None, None
         return o, final[0], final[1]
 
     @staticmethod
     def backward(ctx, do, dfs, dfz):
-        geo, causal, fm, eps, prec, has_init = ctx.meta
+        geo, causal, fm, eps, prec, has_init, want_final = ctx.meta
         saved = list(ctx.saved_tensors)
         q, k, v, g, o, rden, a, e, ez = saved[:9]
         rest = saved[9:]
         ast = (None, None)
         if not causal:
             ast, rest = (rest[0], rest[1]), rest[2:]
-        final = (rest[0], rest[1])
-        init = (rest[2], rest[3]) if has_init else None
+        final = None
+        if want_final:
+            final, rest = (rest[0], rest[1]), rest[2:]
+        init = (rest[0], rest[1]) if has_init else None
         if do is None:
             do = torch.zeros_like(o)
         dfinal = None
-        if dfs is not None or dfz is not None:
+        if final is not None and (dfs is not None or dfz is not None):
             dfinal = (torch.zeros_like(final[0]) if dfs is None else dfs.float().contiguous(),
                       torch.zeros_like(final[1]) if dfz is None else dfz.float().contiguous())
         geo.do = do.contiguous()
         try:
             if BROKEN is not None:
                 raise RuntimeError(BROKEN)
-            dq, dk, dv, dg, dinit = _backward(geo, q, k, v, g, o, rden, a, (e, ez), ast, final, dfinal, causal, fm, prec)
+            with _on_device(q):
+                dq, dk, dv, dg, dinit = _backward(geo, q, k, v, g, o, rden, a, (e, ez), ast, final, dfinal, causal,
+                                                  fm, prec)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # a broken Triton build: never crash a training step, never retry it
+            if strict():
+                raise
             dq, dk, dv, dg, dinit = _torch_backward(q, k, v, g, init, geo, causal, fm, eps, geo.do, dfinal, err)
         finally:
             geo.do = None
         ds0, dz0 = (None, None) if not has_init else dinit
-        return dq, dk, dv, dg, ds0, dz0, None, None, None, None, None
+        return dq, dk, dv, dg, ds0, dz0, None, None, None, None, None, None
 
 
 def _torch_backward(q, k, v, g, init, geo, causal, fm, eps, do, dfinal, err):
@@ -806,11 +867,12 @@ def triton_differential_attention(q, k, v, g, *, causal, feature_map, eps, cu_se
     _check_device(q)
     q, k, v = (x.contiguous() for x in (q, k, v))
     g = g.contiguous()
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"  # fp32: 3xTF32 on tensor cores (~fp32 accuracy)
     geo = _Geometry(q, v, cu_seqlens, chunk_size, segment_chunks, causal)
     s0 = z0 = None
     if initial_state is not None:
         s0 = initial_state.S.float().contiguous()
         z0 = initial_state.z.float().contiguous()
-    o, fs, fz = _DifferentialAttention.apply(q, k, v, g, s0, z0, geo, causal, FEATURE_MAPS.index(feature_map), float(eps), prec)
+    o, fs, fz = _DifferentialAttention.apply(q, k, v, g, s0, z0, geo, causal, FEATURE_MAPS.index(feature_map),
+                                             float(eps), prec, bool(output_final_state))
     return o, (DAState(fs, fz) if output_final_state else None)
