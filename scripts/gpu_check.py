@@ -625,6 +625,7 @@ def step_env(out: Path) -> dict:
     env["PATH"] = os.pathsep.join([str(out / "site" / "bin"), env.get("PATH", "")])
     env.setdefault("TRITON_CACHE_DIR", str(out / ".triton-cache"))  # a second try reuses compiled kernels
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLUIDLM_STRICT_KERNELS"] = "1"  # a failing Triton kernel fails the step; no silent chunked fallback
     env.pop("TRITON_INTERPRET", None)
     return env
 

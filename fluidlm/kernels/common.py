@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 FEATURE_MAPS = ("sigmoid", "elu1")
+
+
+def strict_kernels() -> bool:
+    """FLUIDLM_STRICT_KERNELS=1 (set by the GPU tests and scripts/gpu_check.sh): a failing Triton kernel
+    raises instead of falling back to `chunked`, so a kernel check cannot pass on the fallback."""
+    return os.environ.get("FLUIDLM_STRICT_KERNELS", "") not in ("", "0")
 
 
 def feature_map_fn(x: torch.Tensor, name: str) -> torch.Tensor:

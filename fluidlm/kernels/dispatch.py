@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from fluidlm.kernels.chunked import chunked_differential_attention
-from fluidlm.kernels.common import FEATURE_MAPS, DAState
+from fluidlm.kernels.common import FEATURE_MAPS, DAState, strict_kernels
 from fluidlm.kernels.naive import naive_differential_attention
 from fluidlm.kernels.recurrent import recurrent_differential_attention
 
@@ -49,11 +49,16 @@ def _triton_backend(q, k, v, g, **kwargs):
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001  (any failure: fall back, never crash)
+            if strict_kernels():
+                raise
             reason = f"triton DA kernels failed ({type(err).__name__}: {err})"
             if q.is_cuda or isinstance(err, ImportError):
                 _TRITON_BROKEN = reason
+    if strict_kernels():
+        raise RuntimeError(f"{reason}; FLUIDLM_STRICT_KERNELS is set, so there is no fallback to chunked")
     _warn_fallback(reason)
     return run_reference("chunked", q, k, v, g, **kwargs)
+
 
 
 def _triton_v1_backend(q, k, v, g, *, initial_state=None, output_final_state=False, **kwargs):
@@ -62,7 +67,10 @@ def _triton_v1_backend(q, k, v, g, *, initial_state=None, output_final_state=Fal
     if initial_state is not None or output_final_state:
         raise ValueError("backend 'triton_v1' has no state in or out; use backend='triton'")
     if _TRITON_IMPORT_ERROR is not None or _TRITON_BROKEN is not None:
-        _warn_fallback(_TRITON_BROKEN or f"triton is not importable ({_TRITON_IMPORT_ERROR})")
+        reason = _TRITON_BROKEN or f"triton is not importable ({_TRITON_IMPORT_ERROR})"
+        if strict_kernels():
+            raise RuntimeError(f"{reason}; FLUIDLM_STRICT_KERNELS is set, so there is no fallback to chunked")
+        _warn_fallback(reason)
         return chunked_differential_attention(q, k, v, g, **kwargs)
     from fluidlm.kernels import triton_da
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fluidlm.kernels.common import feature_map_fn, input_weight, segment_ids
+from fluidlm.kernels.common import feature_map_fn, input_weight, segment_ids, strict_kernels
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 _MAX_BV = 64  # value-column block per program (tests lower it to exercise several value blocks)
@@ -89,8 +89,8 @@ def _fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STRICT: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)  # B·H on grid dim 0 (dims 1 and 2 stop at 65,535)
+    i_v = tl.program_id(1)
     fq_ptr += i_bh * N * K
     fk_ptr += i_bh * N * K
     v_ptr += i_bh * N * V
@@ -130,8 +130,8 @@ def _bwd_dq_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STRICT: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)  # B·H on grid dim 0 (dims 1 and 2 stop at 65,535)
+    i_v = tl.program_id(1)
     fq_ptr += i_bh * N * K
     fk_ptr += i_bh * N * K
     v_ptr += i_bh * N * V
@@ -171,8 +171,8 @@ def _bwd_dkv_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STRICT: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)  # B·H on grid dim 0 (dims 1 and 2 stop at 65,535)
+    i_v = tl.program_id(1)
     fq_ptr += i_bh * N * K
     fk_ptr += i_bh * N * K
     v_ptr += i_bh * N * V
@@ -235,7 +235,7 @@ def _launch_forward(fq, fk, v, g, seg, strict, chunk_size, prec):
     bt, bk, bv, warps = _blocks(k, dv, chunk_size)
     num = torch.empty(b, h, n, dv, dtype=torch.float32, device=fq.device)
     den = torch.empty(b, h, n, dtype=torch.float32, device=fq.device)
-    grid = (triton.cdiv(dv, bv), b * h)
+    grid = (b * h, triton.cdiv(dv, bv))
     _fwd_kernel[grid](
         fq, fk, v, g, seg if seg is not None else g, num, den, n, k, dv,
         BT=bt, BK=bk, BV=bv, STRICT=strict, HAS_SEG=seg is not None, PREC=prec, num_warps=warps,
@@ -253,8 +253,8 @@ def _launch_backward(fq, fk, v, g, seg, dnum, dden, strict, chunk_size, prec):
     dvv = torch.empty(b, h, n, dv, dtype=torch.float32, device=fq.device)
     seg_arg = seg if seg is not None else g
     meta = dict(BT=bt, BK=bk, BV=bv, STRICT=strict, HAS_SEG=seg is not None, PREC=prec, num_warps=warps)
-    _bwd_dq_kernel[(nv, b * h)](fq, fk, v, g, seg_arg, dnum, dden, dq, n, k, dv, b * h, **meta)
-    _bwd_dkv_kernel[(nv, b * h)](fq, fk, v, g, seg_arg, dnum, dden, dk, dvv, n, k, dv, b * h, **meta)
+    _bwd_dq_kernel[(b * h, nv)](fq, fk, v, g, seg_arg, dnum, dden, dq, n, k, dv, b * h, **meta)
+    _bwd_dkv_kernel[(b * h, nv)](fq, fk, v, g, seg_arg, dnum, dden, dk, dvv, n, k, dv, b * h, **meta)
     dq = dq.sum(0) if nv > 1 else dq[0]
     dk = dk.sum(0) if nv > 1 else dk[0]
     return dq, dk, dvv
@@ -285,6 +285,8 @@ class DecayedScan(torch.autograd.Function):
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # a broken Triton build: never crash a training step
+            if strict_kernels():
+                raise
             dfq, dfk, dv, dg = _torch_backward(fq, fk, v, g, seg, dnum, dden, strict, chunk_size, err)
             return dfq, dfk, dv.to(v.dtype), dg, None, None, None, None
         return dfq, dfk, dv.to(v.dtype), _decay_grad(fq, fk, dfq, dfk, seg), None, None, None, None

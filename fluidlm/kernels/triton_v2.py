@@ -50,13 +50,12 @@ that to run them on CPU tensors (tests); `fluidlm.kernels.dispatch` imports it l
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fluidlm.kernels.common import FEATURE_MAPS
+from fluidlm.kernels.common import FEATURE_MAPS, strict_kernels
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 H100_SMS = 132
@@ -750,12 +749,6 @@ BROKEN: str | None = None  # set when a backward kernel failed: later calls go t
 _BACKWARD_FALLBACK_WARNED = False
 
 
-def strict() -> bool:
-    """FLUIDLM_STRICT_KERNELS=1 (the GPU tests and scripts/gpu_check.sh set it): a failing Triton kernel
-    raises instead of falling back to `chunked`, so no test can pass on the fallback."""
-    return os.environ.get("FLUIDLM_STRICT_KERNELS", "") not in ("", "0")
-
-
 def _on_device(t):
     """Launch on t's GPU whatever the current device is (tensors on cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -804,7 +797,7 @@ class _DifferentialAttention(torch.autograd.Function):
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as err:  # a broken Triton build: never crash a training step, never retry it
-            if strict():
+            if strict_kernels():
                 raise
             dq, dk, dv, dg, dinit = _torch_backward(q, k, v, g, init, geo, causal, fm, eps, geo.do, dfinal, err)
         finally:
