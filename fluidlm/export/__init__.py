@@ -6,7 +6,9 @@
     DIR/generation_config.json     bos/eos/pad ids, use_cache on (causal models: FluidLMCache)
     DIR/configuration_fluidlm.py   self-contained (transformers + torch only): AutoConfig
     DIR/modeling_fluidlm.py        self-contained reference model: AutoModelForCausalLM(trust_remote_code=True)
-    DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found
+    DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found,
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json
+                                   the same tokenizer for transformers alone (fluidlm/export/tokenizer.py)
 
 The checkpoint is read by evaluation's reader (fluidlm.eval.inputs: any layout, ZeRO 0-3,
 universal checkpoints), so export reads exactly what `fluidlm eval` scores.
@@ -131,8 +133,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         where = f"the training data ({where})" if tok_path is not None else where
     copied = None
     if tok_path is not None:
+        from fluidlm.export.tokenizer import write_hf_tokenizer
+
         shutil.copyfile(tok_path, out / TOKENIZER)
-        files.append(TOKENIZER)
+        try:
+            tokenizer_files = write_hf_tokenizer(tok_path, out, model_max_length=model.config.max_seq_len)
+        except (RuntimeError, OSError) as exc:  # sentencepiece's error for a file that is not a model
+            raise ExportError(f"the tokenizer {tok_path} ({where}) is not a sentencepiece model ({exc}); "
+                              "pass the one the checkpoint was trained with as --tokenizer PATH") from None
+        files += [TOKENIZER, *tokenizer_files]
         copied = str(tok_path)
     else:
         notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "
