@@ -33,8 +33,8 @@ Padding (`attention_mask`, causal models): each row's leading zeros are left pad
 tokens leave every state untouched (DA: g = 0, so β = 0 and no decay; the convs read zeros, as
 before a document's start; the PDE stencil stops at the first real token; softmax masks them and
 starts RoPE at the first real token), so a left-padded row gives the logits of the unpadded one.
-Zeros after a row's real tokens (right padding) only touch later positions. A zero between real
-tokens is refused; bidirectional models take no padding.
+Zeros after a row's first real token are read as tokens (right padding only touches later
+positions); bidirectional models take no padding.
 """
 
 import torch
@@ -358,19 +358,15 @@ class FluidLMPreTrainedModel(PreTrainedModel):
 
 
 def real_tokens(attention_mask, total, batch, device):
-    """(B, total) bool: True from each row's first 1 on (leading zeros are left padding). A zero
-    between two real tokens is refused."""
+    """(B, total) bool: True from each row's first 1 on. Leading zeros are left padding; a zero after
+    a row's first real token is read as a token (for a causal model trailing zeros, right padding,
+    only touch later positions; generate() infers zeros wherever a prompt holds the pad id)."""
     if attention_mask is None:
         return torch.ones(batch, total, dtype=torch.bool, device=device)
-    mask = attention_mask.to(device=device, dtype=torch.long)
-    if mask.shape != (batch, total):
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {(batch, total)} (cached + new tokens)")
-    started = mask.cummax(-1).values
-    stopped = (started - mask).cummax(-1).values  # 1 once a zero followed a real token
-    if bool((stopped * mask).any()):
-        raise ValueError("attention_mask: FluidLM takes padding only on the left (or trailing zeros); "
-                         "a zero between real tokens is not padding")
-    return started.bool()
+    if attention_mask.shape != (batch, total):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(batch, total)} "
+                         "(cached + new tokens)")
+    return attention_mask.to(device=device, dtype=torch.long).cummax(-1).values.bool()
 
 
 class FluidLMForCausalLM(FluidLMPreTrainedModel, GenerationMixin):
