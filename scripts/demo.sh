@@ -49,6 +49,8 @@ torchrun --standalone --nproc-per-node="$NPROC" -m fluidlm.eval --checkpoint "$R
 # ---- USE: export to safetensors + a transformers-loadable folder, then generate from the export ----
 echo "== export: $RUN_DIR → $RUN_DIR/export (model.safetensors, config.json, tokenizer, modeling code)"
 fluidlm export --checkpoint "$RUN_DIR" --out "$RUN_DIR/export" --force
+# Without --threads, generate decodes on 1 thread or torch's default, whichever its first tokens measure
+# faster: the tokens/s it prints is the speed bench/generate.py measures (1 thread), not OpenMP contention.
 echo "== generate: one sample from the exported model (DA decodes through its recurrent state)"
 fluidlm generate --checkpoint "$RUN_DIR/export" --prompt "def main(" --max-new-tokens 64 --temperature 0.8 \
     --top-k 50 --seed 0

@@ -83,6 +83,7 @@ class Lock:
     pins: dict[str, tuple[str, str]] = field(default_factory=dict)   # canonical name -> (name, version)
     builds: dict[str, str] = field(default_factory=dict)             # canonical name -> "ENV=VALUE ..."
     image: dict[str, Requirement] = field(default_factory=dict)      # canonical name -> requirement
+    omitted: set[str] = field(default_factory=set)                   # required by fluidlm, left out on purpose
 
 
 def read_lock(path: Path) -> Lock:
@@ -92,6 +93,9 @@ def read_lock(path: Path) -> Lock:
         if line.startswith("# image:"):
             req = Requirement(line.removeprefix("# image:").strip())
             lock.image[canonicalize_name(req.name)] = req
+            continue
+        if line.startswith("# omitted:"):
+            lock.omitted.add(canonicalize_name(line.removeprefix("# omitted:").strip()))
             continue
         if not line or line.startswith("#"):
             continue
@@ -222,6 +226,8 @@ def check_bundle(folder: Path, lock: Lock, python_version: str, max_mib: float =
                     problems.append(f"{entry['file']} requires {req}, the bundle has {dep} {versions[dep]}")
             elif dep in lock.image:
                 image_needs.setdefault(dep, []).append(f"{entry['name']}: {req}")
+            elif dep in lock.omitted and name == "fluidlm":
+                continue  # installed with --no-deps; fluidlm runs without it (see the lock file)
             else:
                 problems.append(f"{entry['file']} requires {req}, which is neither in the bundle nor provided by "
                                 "the image (add it to the lock file)")

@@ -4,8 +4,9 @@
 #   bash scripts/wheelhouse.sh [--python 3.12] [--out wheelhouse] [--lock requirements/gpu-offline.txt]
 #
 # Run it on any Linux machine with access to the package registry and a Python that has this
-# project's stack installed (the builder, default: `python3`, or $PYTHON; it needs torch only to run
-# DeepSpeed's setup.py). It
+# project's stack installed (the builder: $PYTHON, else the checkout's .venv/bin/python that
+# scripts/setup.sh makes, else `python3`; it needs pip, setuptools >= 68, wheel and torch, torch only
+# to run DeepSpeed's setup.py; a missing one is named before anything is downloaded). It
 #   1. downloads every pinned wheel of the lock file for CPython --python on manylinux x86_64
 #      (pip download --no-deps --only-binary=:all: --python-version ... --platform ...),
 #   2. builds DeepSpeed's source archive into a pure-Python wheel with no compiled ops
@@ -25,7 +26,10 @@ PYV=3.12
 OUT=
 LOCK=requirements/gpu-offline.txt
 MAX_MIB=40
-BUILDER=${PYTHON:-python3}
+if [ -n "${PYTHON:-}" ]; then BUILDER=$PYTHON
+elif [ -x .venv/bin/python ]; then BUILDER=$(pwd)/.venv/bin/python
+else BUILDER=python3
+fi
 
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -43,6 +47,24 @@ if ! [[ $PYV =~ ^3\.[0-9]+$ ]]; then
 fi
 [ -f "$LOCK" ] || { echo "wheelhouse.sh: lock file $LOCK not found" >&2; exit 2; }
 command -v "$BUILDER" >/dev/null || { echo "wheelhouse.sh: builder python '$BUILDER' not found (set PYTHON=)" >&2; exit 2; }
+# The builds run without isolation, so the builder itself must hold what they import.
+MISSING=$("$BUILDER" - <<'PY'
+import importlib.util
+missing = [name for name in ("pip", "setuptools", "wheel", "torch") if importlib.util.find_spec(name) is None]
+if importlib.util.find_spec("setuptools") is not None:
+    import setuptools
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        missing.append(f"setuptools>=68 (it has {setuptools.__version__})")
+print(" ".join(missing))
+PY
+)
+if [ -n "$MISSING" ]; then
+  echo "wheelhouse.sh: the builder $BUILDER lacks: $MISSING. Fix: bash scripts/setup.sh and rerun (the" \
+       "builder defaults to its .venv), or PYTHON=/path/to/python with them, or" \
+       "$BUILDER -m pip install 'setuptools>=68' wheel torch" >&2
+  exit 2
+fi
+echo "[wheelhouse] builder: $BUILDER"
 if [ -z "$OUT" ]; then OUT=$(pwd)/wheelhouse; fi
 case "$OUT" in /*) ;; *) OUT=$HERE/$OUT ;; esac   # relative to where the command was typed
 case "$LOCK" in /*) ;; *) [ -f "$HERE/$LOCK" ] && LOCK=$HERE/$LOCK ;; esac

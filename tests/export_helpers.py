@@ -52,3 +52,52 @@ def write_checkpoint(model, run_dir: Path, step: int = 3, data_dir: str | None =
     (ckpt / "client_state.json").write_text(json.dumps(meta))
     (ckpt.parent / "latest").write_text(ckpt.name)
     return ckpt
+
+
+# Never in the clean environment: what the export must load without.
+NOT_IN_CLEAN_ENV = {"sentencepiece", "protobuf", "tiktoken", "fluidlm"}
+
+
+def train_test_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A real sentencepiece model (FluidLM's settings) trained on this repo's Python files (0.1 s)."""
+    from fluidlm.data.tokenizer import train_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    train_tokenizer([p.read_text() for p in sorted((root / "fluidlm").rglob("*.py"))], vocab_size, Path(path))
+    return Path(path)
+
+
+def clean_python(folder: Path, packages=("transformers", "torch")) -> Path:
+    """A venv whose site-packages holds only `packages` and their dependency closure, linked from
+    this environment (no download, under a second): sentencepiece, protobuf, tiktoken and fluidlm
+    are not importable there. Returns its python."""
+    import importlib.metadata as md
+    import re
+    import venv
+
+    from packaging.requirements import Requirement
+
+    venv.create(folder, with_pip=False, symlinks=True)
+    site = next(Path(folder).glob("lib/python*/site-packages"))
+    todo, seen = list(packages), set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert name not in NOT_IN_CLEAN_ENV, f"{name} is in the closure of {packages}"
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # an optional dependency that is not installed here
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+        root = Path(dist.locate_file(""))
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            target = site / top
+            if not target.exists() and (root / top).exists() and top != "__pycache__":
+                target.symlink_to(root / top)
+    return Path(folder) / "bin" / "python"

@@ -2,9 +2,12 @@
 
 The export is read back three ways and must give the checkpoint's logits: safetensors alone (no
 pickle), FluidLM.from_pretrained, and transformers' AutoModelForCausalLM(trust_remote_code=True) in
-a subprocess where fluidlm cannot be imported (the modeling file is self-contained). Greedy
-`.generate()` there equals fluidlm's greedy generation. DA and softmax, causal and bidirectional (logits
-only), PDE on (2 steps, 2 scales).
+a clean environment (a venv holding only transformers, torch and their dependencies: no fluidlm,
+sentencepiece or protobuf), with no MISSING/UNEXPECTED key. Greedy `.generate()` there, with its
+cache (one token per step) and without, and batched with left padding, equals fluidlm's greedy
+generation; a left-padded row has the unpadded row's logits. DA and softmax, causal and
+bidirectional (logits only), the DA variants (output_gate, qkv_conv, output_norm), PDE on (2 steps,
+2 scales). AutoTokenizer there loads the exported tokenizer.json and gives sentencepiece's ids.
 The checkpoints are written by tests/export_helpers.py in the single-process ZeRO-0 layout (eval's
 reader, which export reuses, is tested on every other layout in tests/test_eval.py)."""
 
@@ -19,14 +22,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from export_helpers import tiny_model, write_checkpoint
+from export_helpers import clean_python, tiny_model, train_test_tokenizer, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 128, 64, 1, 250]
 NEW = 12
 # exported and read back; the bidirectional (masked-LM) ones are not generated from
 VARIANTS = {"da": ("da", "causal"), "softmax": ("softmax", "causal"), "da-bidirectional": ("da", "bidirectional"),
-            "softmax-bidirectional": ("softmax", "bidirectional")}
+            "softmax-bidirectional": ("softmax", "bidirectional"), "da-gate": ("da", "causal"),
+            "da-qkv-conv": ("da", "causal"), "da-output-norm": ("da", "causal")}
+OPTIONS = {"da-gate": {"output_gate": "sigmoid"}, "da-qkv-conv": {"qkv_conv": 3},
+           "da-output-norm": {"output_norm": "rmsnorm", "output_gate": "silu", "feature_map": "elu1"}}
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+SECOND_PROMPT = [9, 8, 77, 31, 4]  # shorter: left-padded in the batch
+# sentencepiece's ids on these must come back from AutoTokenizer: code, whitespace runs, tabs and
+# newlines, Unicode (byte fallback), the special pieces' text (never matched in text), digits
+TEXTS = ["def main(x):\n    return x  # ok\n\n", "  leading and trailing  ", "\t tabs\tand\n\nnewlines \n",
+         "naïve café — 日本語 🎉 e\u0301", "<mask> <s> </s> <unk>", "3.14159 and 1,000,000", "", " ", "x" * 300,
+         "\x00\x01 control bytes"]
 
 
 def export(args, capsys):
@@ -42,14 +55,14 @@ def exported(tmp_path_factory):
     from fluidlm.cli import main
 
     tmp = tmp_path_factory.mktemp("export")
+    tokenizer = train_test_tokenizer(tmp / "tokenizer.model")
     found = {}
-    for attention, direction in VARIANTS.values():
-        model = tiny_model(attention, direction, seed=1)
-        key = attention if direction == "causal" else f"{attention}-bidirectional"
+    for key, (attention, direction) in VARIANTS.items():
+        model = tiny_model(attention, direction, seed=1, **OPTIONS.get(key, {}))
         data = tmp / f"data-{key}"
         (data / "train").mkdir(parents=True)
         tok = data / "tokenizer.model"
-        tok.write_bytes(b"a sentencepiece model")  # export copies it; nothing here parses it
+        tok.write_bytes(tokenizer.read_bytes())
         (data / "train" / "manifest.json").write_text(json.dumps({"tokenizer": str(tok), "tokenizer_sha256": "x"}))
         run = tmp / f"run-{key}"
         write_checkpoint(model, run, data_dir=str(data))
@@ -74,12 +87,13 @@ def test_export_reloads_to_the_same_logits(exported, attention):
     out, model = e["out"], e["model"]
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "configuration_fluidlm.py",
-                            "modeling_fluidlm.py", "tokenizer.model"]), names
+                            "modeling_fluidlm.py", *TOKENIZER_FILES]), names
     assert (out / "tokenizer.model").read_bytes() == e["tokenizer"].read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "fluidlm" and config["architectures"] == ["FluidLMForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_fluidlm.FluidLMForCausalLM"
     assert (config["attention"], config["direction"]) == VARIANTS[attention]
+    assert all(config[k] == v for k, v in OPTIONS.get(attention, {}).items())
     assert config["pde"]["steps"] == 2 and config["fluidlm"]["step"] == 3
     # safetensors alone, no pickle: the model's state dict, the tied embedding/head stored once
     state = load_file(str(out / "model.safetensors"))
@@ -96,19 +110,37 @@ def test_export_reloads_to_the_same_logits(exported, attention):
 
 HF_CHECK = r"""
 import json, sys
-sys.modules["fluidlm"] = None  # only transformers + torch: `import fluidlm` fails here
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folders, prompt, second, new, texts = (json.loads(a) for a in sys.argv[1:])
 out = {}
-for name, folder in json.loads(sys.argv[1]).items():
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    ids = torch.tensor([json.loads(sys.argv[2])])
+for name, folder in folders.items():
+    model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    model.eval()
+    ids = torch.tensor([prompt])
+    got = {"loading": {k: sorted(v) for k, v in info.items() if v}, "class": type(model).__name__,
+           "dtype": str(next(model.parameters()).dtype)}
     with torch.no_grad():
-        logits = model(ids.repeat(1, 4)).logits[0]
-        gen = None if "bidirectional" in name else \
-            model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
-    out[name] = {"logits": logits.tolist(), "generated": gen,
-                 "class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)}
+        got["logits"] = model(ids.repeat(1, 4)).logits[0].tolist()
+        if "bidirectional" not in name:
+            fed = []  # tokens per forward: the prompt, then one per step with the cache
+            hook = model.embed.register_forward_hook(lambda m, i, o: fed.append(i[0].shape[1]))
+            gen = lambda **kw: model.generate(do_sample=False, eos_token_id=None, max_new_tokens=new, **kw)
+            got["generated"] = gen(input_ids=ids)[0, len(prompt):].tolist()
+            got["fed"] = fed
+            hook.remove()
+            got["uncached"] = gen(input_ids=ids, use_cache=False)[0, len(prompt):].tolist()
+            pad = len(prompt) - len(second)
+            batch = torch.tensor([prompt, [0] * pad + second])
+            mask = torch.tensor([[1] * len(prompt), [0] * pad + [1] * len(second)])
+            got["batched"] = gen(input_ids=batch, attention_mask=mask)[:, len(prompt):].tolist()
+            got["padded_logits"] = model(batch, attention_mask=mask).logits[1, pad:].tolist()
+    out[name] = got
+tok = AutoTokenizer.from_pretrained(next(iter(folders.values())), trust_remote_code=False)  # no custom code
+out["tokenizer"] = {"ids": [tok.encode(t, add_special_tokens=False) for t in texts],
+                    "decoded": [tok.decode(tok.encode(t, add_special_tokens=False)) for t in texts],
+                    "max_length": tok.model_max_length, "special": {k: getattr(tok, k + "_id") for k in
+                                                                     ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}}
 print(json.dumps(out))
 """
 
@@ -116,13 +148,14 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def transformers_run(exported):
     pytest.importorskip("transformers")
+    python = clean_python(exported["tmp"] / "clean-venv")
     folders = {a: str(exported[a]["out"]) for a in VARIANTS}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", HF_CHECK, json.dumps(folders), json.dumps(PROMPT), str(NEW)],
-                          cwd=exported["tmp"], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+    args = [json.dumps(x) for x in (folders, PROMPT, SECOND_PROMPT, NEW, TEXTS)]
+    proc = subprocess.run([str(python), "-c", HF_CHECK, *args], cwd=exported["tmp"],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("{"), proc.stdout[:500] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize("attention", list(VARIANTS))
@@ -131,12 +164,48 @@ def test_transformers_loads_the_export_without_fluidlm(exported, transformers_ru
 
     got = transformers_run[attention]
     model = exported[attention]["model"]
+    assert got["loading"] == {}, got["loading"]  # no missing, unexpected or mismatched key
     assert got["class"] == "FluidLMForCausalLM" and got["dtype"] == "torch.float32"
     torch.testing.assert_close(torch.tensor(got["logits"]), full_logits(model, PROMPT * 4), atol=1e-5, rtol=1e-5)
     if "bidirectional" in attention:
         return
     ours = list(generate(model, PROMPT, max_new_tokens=NEW, temperature=0))
-    assert got["generated"] == ours
+    assert got["generated"] == ours and got["uncached"] == ours
+    assert got["fed"] == [len(PROMPT)] + [1] * (NEW - 1)  # the cache: one new token per step
+    assert got["batched"] == [ours, list(generate(model, SECOND_PROMPT, max_new_tokens=NEW, temperature=0))]
+    torch.testing.assert_close(torch.tensor(got["padded_logits"]), full_logits(model, SECOND_PROMPT), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_autotokenizer_gives_sentencepieces_ids_without_sentencepiece(exported, transformers_run):
+    from fluidlm.data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(exported["da"]["tokenizer"])
+    got = transformers_run["tokenizer"]
+    assert got["ids"] == [sp.encode(t) for t in TEXTS]
+    assert got["decoded"] == TEXTS  # byte fallback and whitespace round-trip
+    assert got["max_length"] == exported["da"]["model"].config.max_seq_len
+    assert got["special"] == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 0,
+                              "mask_token": sp.piece_to_id("<mask>")}
+    # a longer, varied text: this repository's tests, token for token
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(exported["da"]["out"]))
+    text = "".join(p.read_text() for p in sorted((ROOT / "tests").glob("test_*.py"))[:8])
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
+def test_export_refuses_a_model_option_its_code_does_not_implement(monkeypatch):
+    from fluidlm import export
+    from fluidlm.model import ModelConfig
+
+    # every ModelConfig field is either implemented by the exported code or training-only
+    assert set(ModelConfig.model_fields) == export.EXPORTED_FIELDS | export.TRAINING_ONLY_FIELDS
+    export.check_exportable(ModelConfig(qkv_conv=3, dropout=0.1))
+    monkeypatch.setattr(export, "EXPORTED_FIELDS", export.EXPORTED_FIELDS - {"qkv_conv"})
+    export.check_exportable(ModelConfig())  # off: fine
+    with pytest.raises(export.ExportError, match=r"model\.qkv_conv=3: not implemented by the exported modeling code"):
+        export.check_exportable(ModelConfig(qkv_conv=3))
 
 
 def test_bf16_export_and_refusals(exported, capsys):

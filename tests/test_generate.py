@@ -141,7 +141,7 @@ def test_cli_streams_text_from_checkpoint_and_export(with_tokenizer, capsys):
     args = ["--prompt", prompt, "--max-new-tokens", "20", "--temperature", "0", "--prompt-chunk", "4"]
     code, out, err = run_cli(["--checkpoint", str(with_tokenizer["run"]), *args], capsys)
     assert code == 0, err
-    assert out == tok.decode(expected_ids) + "\n" and "new tokens" in err
+    assert out == tok.decode(expected_ids) + "\n" and "new tokens" in err and "thread(s)" in err
     export = with_tokenizer["tmp"] / "export"
     from fluidlm.cli import main
 
@@ -161,6 +161,33 @@ def test_cli_streams_text_from_checkpoint_and_export(with_tokenizer, capsys):
                                "--temperature", "0"], capsys)
     assert code == 0 and [int(t) for t in out5.split()] == list(
         generate(with_tokenizer["model"], [5, 6, 7], max_new_tokens=5, temperature=0, eos_id=2))
+
+
+def test_decoding_threads_are_picked_by_measurement(monkeypatch):
+    """Without --threads: the first tokens time 1 thread and torch's default, the faster one decodes the rest."""
+    from fluidlm import generate_cli
+
+    class FakeTorch:
+        threads = 2
+
+        def get_num_threads(self):
+            return self.threads
+
+        def set_num_threads(self, n):
+            self.threads = n
+
+    fake, clock = FakeTorch(), [0.0]
+    monkeypatch.setattr(generate_cli.time, "perf_counter", lambda: clock[0])
+    for slow in (2, 1):
+        fake.threads = 2
+        picker = generate_cli.DecodeThreads(fake)
+        for _ in range(12):
+            picker.step()
+            clock[0] += 0.030 if fake.threads == slow else 0.010  # the next token's decode step
+        assert picker.chosen == 3 - slow and fake.threads == 3 - slow
+        assert f"{3 - slow} thread(s) for decoding (measured 1: " in picker.describe()
+    fake.threads = 1  # one core: nothing to measure
+    assert generate_cli.DecodeThreads(fake).chosen == 1
 
 
 def test_cli_refusals_exit_2(with_tokenizer, capsys):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -161,3 +162,22 @@ def test_help_and_a_missing_bundle():
     assert proc.returncode == 0 and "--wheelhouse" in proc.stdout and "Budget" in proc.stdout
     proc = run_script("--dry-run", "--wheelhouse", "/nonexistent/wheelhouse")
     assert proc.returncode == 2 and "scripts/wheelhouse.sh" in proc.stderr
+
+
+def test_wheelhouse_defaults_to_the_checkouts_venv_and_names_a_missing_build_requirement(tmp_path):
+    """A fresh clone: scripts/wheelhouse.sh picks .venv/bin/python (what scripts/setup.sh makes) over
+    the system python3, and a builder without setuptools/wheel/torch is refused before any download."""
+    import venv
+
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "wheelhouse.sh", clone / "scripts")
+    shutil.copytree(ROOT / "requirements", clone / "requirements")
+    venv.create(clone / ".venv", with_pip=False)  # no pip, setuptools, wheel or torch
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run(["bash", str(clone / "scripts" / "wheelhouse.sh"), "--out", str(tmp_path / "wh")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{clone}/.venv/bin/python lacks: pip setuptools wheel torch" in proc.stderr, proc.stderr
+    assert "bash scripts/setup.sh" in proc.stderr and "downloading" not in proc.stdout
+    assert not (tmp_path / "wh").exists()

@@ -90,6 +90,8 @@ def test_training_without_mlflow_warns_once_and_keeps_metrics_jsonl(thin_run):
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "MLflow is not available" in line]
     assert len(warnings) == 1, warnings
     assert "metrics.jsonl" in warnings[0] and "fluidlm[mlflow]" in warnings[0]
+    start = next(line for line in proc.stdout.splitlines() if line.startswith("run folder"))
+    assert "metrics.jsonl only (MLflow off: not installed)" in start and "sqlite" not in start, start
     assert [m["step"] for m in read_metrics(thin_run["run"])] == [1, 2, 3]
     assert not (thin_run["tmp"] / "mlflow.db").exists()
 

@@ -3,10 +3,12 @@
     DIR/model.safetensors          the dense weights under FluidLM's own names (tied embedding/head once)
     DIR/config.json                transformers-style config: model_type, architectures, auto_map, and the
                                    FluidLM model config (fluidlm/model/config.py) at the top level
-    DIR/generation_config.json     eos/bos ids, use_cache off
+    DIR/generation_config.json     bos/eos/pad ids, use_cache on (causal models: FluidLMCache)
     DIR/configuration_fluidlm.py   self-contained (transformers + torch only): AutoConfig
     DIR/modeling_fluidlm.py        self-contained reference model: AutoModelForCausalLM(trust_remote_code=True)
-    DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found
+    DIR/tokenizer.model            the sentencepiece model the checkpoint was trained with, when found,
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json
+                                   the same tokenizer for transformers alone (fluidlm/export/tokenizer.py)
 
 The checkpoint is read by evaluation's reader (fluidlm.eval.inputs: any layout, ZeRO 0-3,
 universal checkpoints), so export reads exactly what `fluidlm eval` scores.
@@ -25,6 +27,14 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+PAD_ID = 0  # <unk>: the tokenizer has no pad piece; padded positions are masked, so any id works, and
+            # unlike </s> it does not hide end-of-document labels from collators that mask the pad id
+# ModelConfig fields the exported modeling code implements, and those that do not change an
+# eval-mode forward; export refuses a model with any other field off its default, naming it.
+EXPORTED_FIELDS = {"vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ffn_hidden", "attention", "direction",
+                   "feature_map", "da_eps", "max_seq_len", "pde", "norm_eps", "rope_theta", "output_gate", "qkv_conv",
+                   "output_norm"}
+TRAINING_ONLY_FIELDS = {"da_backend", "chunk_size", "dropout", "init_std", "half_life_min", "half_life_max"}
 
 
 class ExportError(ValueError):
@@ -49,6 +59,17 @@ def _safetensors():
     return st
 
 
+def check_exportable(config) -> None:
+    """ExportError naming every model option the exported modeling code does not implement."""
+    defaults = type(config)()
+    unknown = [f"model.{name}={getattr(config, name)!r}" for name in type(config).model_fields
+               if name not in EXPORTED_FIELDS | TRAINING_ONLY_FIELDS and getattr(config, name) != getattr(defaults, name)]
+    if unknown:
+        raise ExportError(f"{', '.join(unknown)}: not implemented by the exported modeling code "
+                          "(fluidlm/export/hf/modeling_fluidlm.py), so transformers would compute another model; "
+                          "not exported")
+
+
 def hf_config(model_config: dict, *, dtype: str, step: int | None = None, source: str | None = None) -> dict:
     """config.json: the transformers keys, then the FluidLM model config (its fields at the top level)."""
     from fluidlm import __version__
@@ -61,9 +82,9 @@ def hf_config(model_config: dict, *, dtype: str, step: int | None = None, source
         "dtype": DTYPES[dtype],
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "pad_token_id": None,
+        "pad_token_id": PAD_ID,
         "tie_word_embeddings": True,
-        "use_cache": False,
+        "use_cache": True,
         **model_config,
         "fluidlm": {"version": __version__, "step": step, "source": source},
     }
@@ -87,6 +108,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     path = resolve_checkpoint(checkpoint)
     info = checkpoint_info(path)
     model = load_model(info, torch.device("cpu"))
+    check_exportable(model.config)
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     # FluidLM's state dict holds the tied embedding/head once (embed.weight); contiguous copies, no sharing.
     state = {k: v.detach().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous().clone()
@@ -97,7 +119,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     model_config = model.config.model_dump(mode="json")
     (out / CONFIG).write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step, source=str(path)), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "use_cache": False, "do_sample": False}, indent=2))
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": PAD_ID, "use_cache": True, "do_sample": False}, indent=2))
     for name in MODEL_FILES:
         shutil.copyfile(HF_DIR / name, out / name)
     files = [WEIGHTS, CONFIG, "generation_config.json", *MODEL_FILES]
@@ -111,8 +133,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         where = f"the training data ({where})" if tok_path is not None else where
     copied = None
     if tok_path is not None:
+        from fluidlm.export.tokenizer import write_hf_tokenizer
+
         shutil.copyfile(tok_path, out / TOKENIZER)
-        files.append(TOKENIZER)
+        try:
+            tokenizer_files = write_hf_tokenizer(tok_path, out, model_max_length=model.config.max_seq_len)
+        except (RuntimeError, OSError) as exc:  # sentencepiece's error for a file that is not a model
+            raise ExportError(f"the tokenizer {tok_path} ({where}) is not a sentencepiece model ({exc}); "
+                              "pass the one the checkpoint was trained with as --tokenizer PATH") from None
+        files += [TOKENIZER, *tokenizer_files]
         copied = str(tok_path)
     else:
         notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "

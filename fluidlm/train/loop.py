@@ -179,7 +179,7 @@ def train(config: Config, resume_from=None) -> int:
     ) if main else None
     if main:
         print(f"run folder {config.run_dir} | {num_params:,} parameters | world {world} = pp {layout.pp} × dp {layout.dp} × cp {layout.cp} × tp {layout.tp} ({dist_info.backend}, "
-              f"{dist_info.device.type}) | {tokens_per_step:,} tokens/step | MLflow {tracker.uri}", flush=True)
+              f"{dist_info.device.type}) | {tokens_per_step:,} tokens/step | {tracker.destination()}", flush=True)
 
     flops_token = flops_per_token(config, num_params)
     last_step = t.stop_at or t.steps

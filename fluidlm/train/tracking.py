@@ -57,6 +57,13 @@ class Tracker:
         self.client = None  # MlflowClient while MLflow works
         self.run_id: str | None = None
         self.uri = tracking_uri(config)
+        self.off_reason = "not started"  # why MLflow logs nothing, for the start line
+
+    def destination(self) -> str:
+        """Where metrics go, for the start line: the MLflow URI, or metrics.jsonl and why MLflow is off."""
+        if self.client is not None:
+            return f"MLflow {self.uri}"
+        return f"metrics {self.metrics_path} only (MLflow off: {self.off_reason})"
 
     # --- MLflow guard --------------------------------------------------------------------------
     def _mlflow(self, what: str, fn, *args, **kwargs):
@@ -67,6 +74,7 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as exc:  # never let tracking stop training
             self.client = None
+            self.off_reason = f"{what} failed"
             print(f"WARNING: MLflow {what} failed at {self.uri} ({type(exc).__name__}: {str(exc)[:300]}); "
                   f"MLflow logging is off for the rest of this run, metrics still go to {self.metrics_path}",
                   file=sys.stderr, flush=True)
@@ -81,6 +89,7 @@ class Tracker:
         self._truncate_metrics(resumed_step or 0)
         (self.config.run_dir / "config.yaml").write_text(dump_yaml(self.config))
         if not self.config.logging.mlflow:
+            self.off_reason = "logging.mlflow=false"
             return None
         if self.uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -91,12 +100,14 @@ class Tracker:
                 from mlflow.tracking import MlflowClient
 
                 self.client = MlflowClient(tracking_uri=self.uri)
-        except ImportError as exc:  # a thin machine: MLflow is optional (pip install 'fluidlm[mlflow]')
+        except ImportError as exc:  # a thin machine (the GPU bundle leaves MLflow out)
+            self.off_reason = "not installed"
             print(f"WARNING: MLflow is not available ({exc}); logging to {self.metrics_path} only "
                   "(pip install 'fluidlm[mlflow]' to log to MLflow, or set logging.mlflow: false to silence this)",
                   file=sys.stderr, flush=True)
             return None
         except Exception as exc:
+            self.off_reason = f"unavailable, {type(exc).__name__}"
             print(f"WARNING: MLflow unavailable ({type(exc).__name__}: {exc}); logging to {self.metrics_path} only",
                   file=sys.stderr, flush=True)
             return None
