@@ -9,8 +9,10 @@ Sweeps (default B=2, H=16, d=dv=128, bf16, causal):
     (training rows are flattened to B = 1), whatever --heads/--head-dim say
 
 `--plan` needs no GPU: it prints, per v2 kernel and shape, the grid (programs vs the 132 SMs of an
-H100), the bytes each kernel reads and writes and the ideal bytes — computed from the launch plan
-(`fluidlm.kernels.triton_v2.plan`), not measured.
+H100), the programs one SM can hold by the compiled registers and shared memory (read from
+bench/results/kernels_compile.json, written by bench/kernels_compile.py), the bytes each kernel reads
+and writes and the ideal bytes — computed from the launch plan (`fluidlm.kernels.triton_v2.plan`) and
+the sm_90 compiles, not measured.
 
 Per point: median time (triton.testing.do_bench), model TFLOP/s and GB/s (formulas below, stated
 in the output), and peak CUDA memory above the inputs. Each failing point (OOM, missing package)
@@ -226,6 +228,28 @@ def kernel_bytes(p, b, h, n, d, dv, elt, causal=True):
     return out, ideal_fwd, ideal_bwd
 
 
+COMPILED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels_compile.json")
+KERNEL_OF = {"fwd.summary": "_summary_kernel", "fwd.combine": "_combine_kernel", "fwd.output": "_fwd_kernel",
+             "bwd.summary": "_summary_kernel", "bwd.combine": "_combine_kernel", "bwd.dq": "_dq_kernel",
+             "bwd.dk": "_dk_kernel", "bwd.dv": "_dv_kernel"}
+
+
+def compiled_residency(dtype: str, d: int, dv: int, path: str = COMPILED) -> dict:
+    """Resident programs per SM of each v2 kernel on sm_90 from bench/kernels_compile.py's table (the
+    least over the kernel's compiled variants at this dtype and head dims); {} where it has no row."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    out = {}
+    for r in rows:
+        if r["arch"] == 90 and r["dtype"] == dtype and (r["d"], r["dv"]) == (d, dv) and r["kernel"].startswith("triton_v2."):
+            name = r["kernel"].split(".", 1)[1]
+            out[name] = min(out.get(name, 99), r["resident"])
+    return out
+
+
 def print_plan(args) -> int:
     try:
         from fluidlm.kernels import triton_v2
@@ -246,22 +270,24 @@ def print_plan(args) -> int:
         by, ideal_f, ideal_b = kernel_bytes(p, b, h, n, d, d, elt, causal)
         print(f"## B={b} H={h} N={n} d=dv={d}: segments P={p['segments']} of {p['segment_len']} tokens "
               f"({p['segment_chunks']} chunks of {p['blocks']['BT']}), summaries {p['segments'] * h * (d * d + d) * 4 / 2**20:.1f} MiB per direction")
-        print("| kernel | grid | programs | programs/SM | read MiB | written MiB |")
-        print("|---|---|---|---|---|---|")
+        resident = compiled_residency(args.dtype, d, d)
+        print("| kernel | grid | programs | programs/SM | resident/SM (compiled) | read MiB | written MiB |")
+        print("|---|---|---|---|---|---|---|")
         tot = {"fwd": [0, 0], "bwd": [0, 0]}
         for name, (g0, g1, g2, launches) in p["launches"].items():
             progs = g0 * g1 * g2
             r, w = by[name]
             tot[name[:3]][0] += r
             tot[name[:3]][1] += w
-            print(f"| {name} ×{launches} | ({g0}, {g1}, {g2}) | {progs} | {progs / sms:.1f} | {r / 2**20:.1f} | {w / 2**20:.1f} |")
+            res = resident.get(KERNEL_OF[name], "–")
+            print(f"| {name} ×{launches} | ({g0}, {g1}, {g2}) | {progs} | {progs / sms:.1f} | {res} | {r / 2**20:.1f} | {w / 2**20:.1f} |")
         for name in ("bwd.prep (torch)", "bwd.dg (torch)"):
             r, w = by[name]
             tot["bwd"][0] += r
             tot["bwd"][1] += w
-            print(f"| {name} | – | – | – | {r / 2**20:.1f} | {w / 2**20:.1f} |")
+            print(f"| {name} | – | – | – | – | {r / 2**20:.1f} | {w / 2**20:.1f} |")
         v1 = -(-d // 64) * b * h
-        print(f"| v1 (triton_v1), every kernel | ({-(-d // 64)}, {b * h}) | {v1} | {v1 / sms:.2f} | – | – |")
+        print(f"| v1 (triton_v1), every kernel | ({b * h}, {-(-d // 64)}) | {v1} | {v1 / sms:.2f} | – | – | – |")
         for key, ideal in (("fwd", ideal_f), ("bwd", ideal_b)):
             r, w = tot[key]
             print(f"\n{key}: {(r + w) / 2**20:.1f} MiB moved vs {ideal / 2**20:.1f} MiB ideal "
