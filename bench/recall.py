@@ -9,6 +9,7 @@ seeds) is reported; tokens and wall time of every run are in the JSON.
     python bench/recall.py                       # the default CPU grid (see --help)
     python bench/recall.py --d-models 64 --cells 64:4 --lrs 3e-3 --steps 20   # a smoke run
     python bench/recall.py --scale               # Zoology's sizes on a GPU: vocab 8192, 100k examples, 4000 steps
+    python bench/recall.py --resume ...          # continue an interrupted grid (finished runs are reused)
 
 Writes <out>.md, <out>.json, <out>.png (default bench/results/recall.*).
 """
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", action="store_true", help="vocab 8192, 100k examples, 4000 steps, d_model up to 512")
     p.add_argument("--runs-dir", default="runs/recall")
     p.add_argument("--out", default=str(RESULTS / "recall"))
+    p.add_argument("--resume", action="store_true", help="reuse runs already trained to --steps (their measured "
+                                                          "wall time is kept in <runs-dir>/<run>.wall)")
     p.add_argument("--label", default="", help="a line for the report (e.g. REDUCED: what was cut)")
     args = p.parse_args(argv)
     if args.scale:
@@ -81,7 +84,13 @@ def run_one(args, runs, data, model, d_model, seq_len, pairs, lr, seed) -> dict:
                  f"optim.warmup_steps={max(1, args.steps // 10)}", f"train.eval_every={args.steps}",
                  f"train.eval_tokens={256 * seq_len}", "train.eval_tasks=[mqar]", "checkpoint.every=0",
                  "checkpoint.keep=1", "logging.progress=false", "logging.mlflow=false", *MODELS[model]]
-    wall = train_run(run_dir, overrides, runs / f"{name}.log")
+    wall_file = runs / f"{name}.wall"
+    done = (run_dir / "metrics.jsonl").is_file() and train_metrics(run_dir)[-1].get("step") == args.steps
+    if args.resume and done and wall_file.is_file():
+        wall = float(wall_file.read_text())  # measured when it was trained
+    else:
+        wall = train_run(run_dir, overrides, runs / f"{name}.log")
+        wall_file.write_text(f"{wall:.1f}")
     last = train_metrics(run_dir)[-1]
     return {"model": model, "d_model": d_model, "seq_len": seq_len, "num_pairs": pairs, "lr": lr, "seed": seed,
             "accuracy": last["val/mqar_acc"], "val_loss": last["val/loss"], "tokens": last["tokens"],
