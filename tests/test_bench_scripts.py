@@ -84,3 +84,16 @@ def test_ablation_verdict_is_paired_by_seed_and_needs_every_seed():
     assert ablate.paired(per_run, "bad", [0, 1, 2], [256])["256"]["verdict"] == "worse"
     assert ablate.verdict([-0.5]) == "within spread"              # one seed decides nothing
     assert ablate.verdict([-0.10, -0.01, -0.01]) == "within spread"  # every seed better, but mean −4 % < std 5.2 %
+
+
+def test_recall_grid_smoke_runs_end_to_end(tmp_path):
+    """bench/recall.py on one tiny cell: MQAR data, one training run with train.eval_tasks, the report."""
+    proc = subprocess.run([sys.executable, "bench/recall.py", "--models", "softmax", "--d-models", "64", "--cells",
+                           "64:4", "--lrs", "3e-3", "--steps", "3", "--batch", "4", "--train-examples", "64",
+                           "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "recall")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "recall.json").read_text())
+    assert [(b["model"], b["d_model"], b["seq_len"], b["best_lr"]) for b in result["best"]] == [("softmax", 64, 64, 3e-3)]
+    assert result["runs"][0]["tokens"] == 3 * 4 * 64 and 0 <= result["runs"][0]["accuracy"] <= 1
+    assert (tmp_path / "recall.png").stat().st_size > 1000 and "| softmax | 64 | 64 | 4 |" in (tmp_path / "recall.md").read_text()

@@ -4,7 +4,12 @@ and every gradient, the sharded λ included); TP = 2, DP = 2 × TP = 2, PP = 2, 
 CP = 2 and CP = 2 × TP = 2 training
 reproduce the single-process losses and gradient norms; TP-replicated parameters stay
 bit-identical across ranks; exact resume holds at TP = 2 and PP = 2; bad layouts are refused
-before start."""
+before start.
+
+The training data carries per-token loss masks (format-3 shards, tests/train_helpers.py: 40 % of
+the targets and the first tokens of every document unscored), so every layout comparison below
+also checks that TP's vocabulary-parallel loss, PP, CP and DP count exactly the unmasked targets
+(issue 29); unmasked shards are trained under these layouts by tests/test_mlm.py and test_train_dp.py."""
 
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def run(args, nproc: int, cwd: Path, timeout: int = 300):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
-    data = make_dataset(tmp / "data", samples=64)
+    data = make_dataset(tmp / "data", samples=64, loss_mask=True)
     steps = 6
     single = write_config(tmp / "single.yaml", tiny_config(data, tmp / "runs" / "single", model={"dropout": 0.0},
                                                            train={"steps": steps, "grad_accum": 2},

@@ -22,9 +22,11 @@ def _npy(array) -> bytes:
 
 
 def make_dataset(out: Path, seq_len: int = 64, samples: int = 96, samples_per_shard: int = 32, seed: int = 0,
-                 vocab: int = VOCAB) -> Path:
+                 vocab: int = VOCAB, loss_mask: bool = False) -> Path:
     """Documents of learnable arithmetic progressions (start, stride random per document), packed
-    into samples of seq_len + 1 tokens with their document starts; train/ and val/ splits."""
+    into samples of seq_len + 1 tokens with their document starts; train/ and val/ splits.
+    `loss_mask`: format-3 shards whose samples carry a loss mask (mask.npy): the first 6 tokens of
+    every document and a random 40 % of the others are not scored."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     for split, n_samples in (("train", samples), ("val", max(4, samples // 8))):
@@ -36,6 +38,9 @@ def make_dataset(out: Path, seq_len: int = 64, samples: int = 96, samples_per_sh
             stream += [3 + (start + stride * i) % (vocab - 3) for i in range(length)] + [2]  # 2 = EOS
         stream = np.asarray(stream, dtype=np.uint16)
         starts = np.asarray(starts)
+        scored = np.random.default_rng([seed, len(stream)]).random(len(stream)) > 0.4  # own stream: the tokens stay
+        for s in starts:
+            scored[s:s + 6] = False
         shard_dir = out / split
         shard_dir.mkdir(parents=True, exist_ok=True)
         shards = []
@@ -47,12 +52,18 @@ def make_dataset(out: Path, seq_len: int = 64, samples: int = 96, samples_per_sh
                     lo = i * (seq_len + 1)
                     sample = stream[lo:lo + seq_len + 1]
                     inside = (starts[(starts >= lo) & (starts < lo + seq_len + 1)] - lo).astype(np.int32)
-                    for ext, payload in (("tokens.npy", _npy(sample)), ("starts.npy", _npy(inside))):
+                    files = [("tokens.npy", _npy(sample)), ("starts.npy", _npy(inside))]
+                    if loss_mask:
+                        files.append(("mask.npy", _npy(scored[lo:lo + seq_len + 1].astype(np.uint8))))
+                    for ext, payload in files:
                         info = tarfile.TarInfo(f"{i:010d}.{ext}")
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
             shards.append({"file": name, "samples": count, "tokens": count * (seq_len + 1)})
-        manifest = {"format_version": 1, "tokenizer": "synthetic", "tokenizer_sha256": "", "vocab_size": vocab,
+            if loss_mask:
+                shards[-1]["scored_targets"] = int(sum(scored[i * (seq_len + 1):(i + 1) * (seq_len + 1)].sum()
+                                                       for i in range(first, first + count)))
+        manifest = {"format_version": 3 if loss_mask else 1, **({"loss_mask": True} if loss_mask else {}), "tokenizer": "synthetic", "tokenizer_sha256": "", "vocab_size": vocab,
                     "eos_id": 2, "seq_len": seq_len, "dtype": "uint16", "documents": len(starts),
                     "total_tokens": n_samples * (seq_len + 1), "total_samples": n_samples,
                     "dropped_tail_tokens": 0, "shards": shards}

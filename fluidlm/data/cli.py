@@ -88,6 +88,33 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_synthetic_mqar(args) -> int:
+    from fluidlm.data.synthetic import parse_shapes, write_mqar
+
+    (train_shape,) = parse_shapes(f"{args.seq_len}:{args.num_pairs}")
+    manifests = write_mqar(Path(args.out), train_shape, parse_shapes(args.test), args.train_examples, args.val_examples,
+                           args.test_examples, args.vocab_size, args.seed, args.power_a)
+    for split, m in manifests.items():
+        task = m["task"]
+        print(f"{split}: {m['total_samples']} samples of {task['seq_len'] + 1} tokens, {task['num_pairs']} pairs"
+              + (f" ({task['dropped_as_in_train']} dropped: equal to a training sample)" if task["dropped_as_in_train"] else ""))
+    print(f"MQAR data in {args.out}: train with data.dir={args.out}, data.seq_len={args.seq_len}, "
+          f"model.vocab_size>={args.vocab_size}; score with `fluidlm eval --task mqar --data {args.out}`")
+    return 0
+
+
+def cmd_synthetic_passkey(args) -> int:
+    from fluidlm.data.synthetic import write_passkey
+
+    manifests = write_passkey(Path(args.out), Path(args.tokenizer), args.seq_len, args.train_examples,
+                              args.val_examples, args.seed)
+    for split, m in manifests.items():
+        print(f"{split}: {m['total_samples']} passkey documents of {args.seq_len + 1} tokens (the key's digits scored)")
+    print(f"passkey data in {args.out}: continue training a checkpoint on it (data.dir={args.out}, "
+          f"data.seq_len={args.seq_len}), then `fluidlm eval --task passkey`")
+    return 0
+
+
 def _guard(fn):
     def run(args):
         from fluidlm.data import DataError
@@ -144,3 +171,31 @@ def register(subparsers) -> None:
                                                             "(default %(default)s)")
     r.add_argument("--workers", type=int, default=2, help="tokenizer processes (default %(default)s)")
     r.set_defaults(func=_guard(cmd_prepare))
+
+    y = sub.add_parser("synthetic", help="loss-masked synthetic task shards: MQAR recall, passkey retrieval")
+    tasks = y.add_subparsers(dest="task", metavar="TASK", required=True)
+    q = tasks.add_parser("mqar", help="Zoology's multi-query associative recall: train/, val/ and test-<L>x<P>/",
+                         description="Key-value pairs, then each key queried once after power-law gaps, random filler "
+                                     "between; only the values after the queries are scored (fluidlm/data/synthetic.py).")
+    q.add_argument("--out", required=True, help="folder for train/, val/ and test-<seq_len>x<pairs>/")
+    q.add_argument("--seq-len", type=int, default=256, help="training sequence length (default %(default)s)")
+    q.add_argument("--num-pairs", type=int, default=16, help="key-value pairs per training sample (default %(default)s)")
+    q.add_argument("--test", default="256:16,512:32,1024:64,4096:256",
+                   help="test sets as SEQ_LEN:PAIRS,… (default %(default)s: the training shape and three that extrapolate)")
+    q.add_argument("--train-examples", type=int, default=100_000, help="default %(default)s")
+    q.add_argument("--val-examples", type=int, default=1000, help="default %(default)s")
+    q.add_argument("--test-examples", type=int, default=1000, help="per test set (default %(default)s)")
+    q.add_argument("--vocab-size", type=int, default=8192, help="keys from the lower half, values from the upper "
+                                                                "(default %(default)s, as Zoology)")
+    q.add_argument("--power-a", type=float, default=0.01, help="query gap distribution ∝ a·gap^(a-1) (default %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="splits are seeded apart from it (default %(default)s)")
+    q.set_defaults(func=_guard(cmd_synthetic_mqar))
+    k = tasks.add_parser("passkey", help="passkey documents for fine-tuning: filler, the key at a random depth, the "
+                                         "question, the key (only its digits scored)")
+    k.add_argument("--out", required=True, help="folder for train/ and val/")
+    k.add_argument("--tokenizer", required=True, help="the model's training tokenizer (.model)")
+    k.add_argument("--seq-len", type=int, default=1024, help="default %(default)s")
+    k.add_argument("--train-examples", type=int, default=2000, help="default %(default)s")
+    k.add_argument("--val-examples", type=int, default=64, help="default %(default)s")
+    k.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    k.set_defaults(func=_guard(cmd_synthetic_passkey))

@@ -112,6 +112,10 @@ def load_documents(inputs: list[str], *, vocab_size: int, train_tokenizer: tuple
     manifest_path = _is_manifest(inputs)
     if manifest_path is not None:
         manifest = load_manifest(manifest_path)
+        if manifest.get("loss_mask"):  # perplexity over every token would count the unscored filler
+            task = (manifest.get("task") or {}).get("name")
+            raise DataError(f"{manifest_path} holds samples with loss masks (task {task!r}): perplexity scores every "
+                            f"token of whole documents; score these with `fluidlm eval --task {task or 'mqar'}`")
         sha = manifest.get("tokenizer_sha256")
         data = DataInfo(source=str(manifest_path), kind="shards", tokenizer_sha256=sha)
         if tokenizer is not None and file_sha256(tokenizer) != sha:

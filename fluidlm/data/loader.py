@@ -100,7 +100,7 @@ def load_window(sources: list[Source], wid: tuple, vocab_limit: int | None) -> d
     s, epoch, lane, w = wid
     src = sources[s]
     group, _ = src.windows(epoch, lane)[w]
-    tokens, starts, docs, opened, nbytes = [], [], [], [], 0
+    tokens, starts, docs, masks, opened, nbytes = [], [], [], [], [], 0
     m = src.manifest
     limit = m.get("vocab_size") if vocab_limit is None else min(vocab_limit, m.get("vocab_size") or vocab_limit)
     for shard in group:
@@ -110,6 +110,7 @@ def load_window(sources: list[Source], wid: tuple, vocab_limit: int | None) -> d
         tokens += got["tokens"]
         starts += got["starts"]
         docs += got["docs"] if got["docs"] is not None else [np.zeros(0, np.int32)] * len(got["tokens"])
+        masks += got["loss_mask"] if got["loss_mask"] is not None else [None] * len(got["tokens"])
         opened.append(url)
         nbytes += got["bytes"]
     order = _window_permutation(src, epoch, lane, w, len(tokens))
@@ -117,7 +118,8 @@ def load_window(sources: list[Source], wid: tuple, vocab_limit: int | None) -> d
     mask = np.zeros(stacked.shape, dtype=bool)
     for row, i in enumerate(order):
         mask[row, starts[i].astype(np.int64)] = True
-    return {"id": wid, "tokens": stacked, "doc_starts": mask, "docs": [docs[i] for i in order],
+    loss_mask = np.stack([np.ones(len(t), bool) if m is None else m for t, m in zip(tokens, masks)])[order]
+    return {"id": wid, "tokens": stacked, "doc_starts": mask, "loss_mask": loss_mask, "docs": [docs[i] for i in order],
             "opened": opened, "bytes": nbytes}
 
 
@@ -263,7 +265,9 @@ def _as_sources(manifest_path) -> list[tuple[str, object, float]]:
 class ShardLoader:
     """for batch in ShardLoader(manifest, dp_rank, dp_size, micro_batch_size, seed): ...
 
-    Yields {"tokens": LongTensor (B, L+1), "doc_starts": BoolTensor (B, L+1)} forever.
+    Yields {"tokens": LongTensor (B, L+1), "doc_starts": BoolTensor (B, L+1)} forever, plus
+    "loss_mask": BoolTensor (B, L+1) (True = a scored target) when a source's shards carry loss masks
+    (format 3; a source without them scores every target).
     `manifest_path` is one manifest (or its folder) or a list of sources [(name, manifest, weight)]."""
 
     def __init__(self, manifest_path, dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, seed: int = 0,
@@ -287,6 +291,7 @@ class ShardLoader:
                                     f"{specs[0][0]!r} ({first['root']}) has {first.get(key)!r}: every source must be "
                                     "made with the same tokenizer and seq_len; rebuild it with the same tokenizer")
         self.manifest = first
+        self.loss_masks = any(m.get("loss_mask") for m in manifests)
         self.sources = [Source(m, name, weight, lanes, window, micro_batch_size, seed, i)
                         for i, ((name, _, weight), m) in enumerate(zip(specs, manifests))]
         for src in self.sources:
@@ -345,7 +350,7 @@ class ShardLoader:
         live.clear()
         latest: dict[tuple, tuple] = {}  # (source, lane) → newest live window id
         while True:
-            tokens, starts = [], []
+            tokens, starts, masks = [], [], []
             for ref in self.plan.refs(self.position):
                 wid, i = self.plan.window_of(*ref)
                 while wid not in live:
@@ -360,8 +365,11 @@ class ShardLoader:
                 win = live[wid]
                 tokens.append(win["tokens"][i])
                 starts.append(win["doc_starts"][i])
+                masks.append(win["loss_mask"][i])
             batch = {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
                      "doc_starts": torch.from_numpy(np.stack(starts))}
+            if self.loss_masks:
+                batch["loss_mask"] = torch.from_numpy(np.stack(masks))
             self.position += 1
             yield batch
 

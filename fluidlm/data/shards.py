@@ -14,6 +14,12 @@ Shards are read through webdataset's I/O (`webdataset.gopen` + its tar iterator)
 (or the manifest's `base_url`) may name a local path, `file://`, `http(s)://`, `s3://`, `gs://` or a
 `pipe:` command. Remote reads are retried with exponential backoff; a shard that stays unreadable,
 truncated or inconsistent with the manifest is named in a `DataError`, never skipped.
+
+Loss masks (format 3, `write_sample_shards`): a sample may also store `mask.npy` (uint8, seq_len + 1;
+1 = this token is a scored target, i.e. the loss counts its prediction from the tokens before it;
+entry 0 is never a target). The manifest then says `"loss_mask": true` and every sample has one.
+Synthetic tasks (MQAR, passkey) use it to score only the answers; samples without a mask score
+every target, as before. Text shards (`write_shards`) stay format 2.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from fluidlm.data.tokenizer import EOS, file_sha256, load_tokenizer
 
 # 1: tokens + starts. 2: + docs.npy per sample, keys in corpus order, samples shuffled across the
 # corpus, per-shard bytes and max_token_id, shuffle_seed. Version 1 manifests still load.
+# 3: + optional mask.npy per sample (uint8 loss mask), "loss_mask": true and an optional "task" record.
 MANIFEST_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+MASKED_MANIFEST_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _worker_tokenizer = None
 
 
@@ -132,6 +140,46 @@ def write_shards(documents, tokenizer_path: Path, seq_len: int, out: Path, sampl
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     manifest["tokens_per_s"] = total_tokens / max(elapsed, 1e-9)
     manifest["pack_seconds"] = elapsed_pack
+    return manifest
+
+
+def write_sample_shards(tokens: np.ndarray, loss_mask: np.ndarray, out: Path, vocab_size: int, task: dict,
+                        samples_per_shard: int = 256, tokenizer: str = "synthetic",
+                        tokenizer_sha256: str | None = None) -> dict:
+    """Write ready-made samples (one document each, no packing, kept in order) with their loss masks
+    as format-3 shards + manifest.json. tokens, loss_mask: (n, seq_len + 1); `task` describes how
+    they were made (recorded in the manifest as "task")."""
+    import webdataset as wds
+
+    tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask, dtype=bool)
+    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
+        raise DataError(f"samples {tokens.shape} and loss masks {loss_mask.shape} must be (n, seq_len + 1) alike")
+    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.tar"):
+        old.unlink()
+    starts = np.zeros(1, dtype=np.int32)
+    shards = []
+    for first in range(0, len(tokens), samples_per_shard):
+        name = f"shard-{len(shards):06d}.tar"
+        rows = tokens[first:first + samples_per_shard]
+        with wds.TarWriter(str(out / name)) as writer:
+            for i, row in enumerate(rows):
+                writer.write({"__key__": f"{first + i:010d}", "tokens.npy": row.astype(dtype), "starts.npy": starts,
+                              "docs.npy": np.asarray([first + i], dtype=np.int32),
+                              "mask.npy": loss_mask[first + i].astype(np.uint8)})
+        shards.append({"file": name, "samples": len(rows), "tokens": int(rows.size), "bytes": (out / name).stat().st_size,
+                       "max_token_id": int(rows.max()), "documents": len(rows),
+                       "scored_targets": int(loss_mask[first:first + len(rows)].sum())})
+    manifest = {
+        "format_version": MASKED_MANIFEST_VERSION, "tokenizer": tokenizer,
+        "tokenizer_sha256": tokenizer if tokenizer_sha256 is None else tokenizer_sha256,
+        "vocab_size": int(vocab_size), "eos_id": EOS, "seq_len": tokens.shape[1] - 1, "dtype": np.dtype(dtype).name,
+        "documents": len(tokens), "total_tokens": int(tokens.size), "total_samples": len(tokens),
+        "dropped_tail_tokens": 0, "max_token_id": max(s["max_token_id"] for s in shards), "shuffle_seed": None,
+        "loss_mask": True, "task": task, "shards": shards,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -281,8 +329,8 @@ def _close(stream) -> int | None:
 
 def read_shard_samples(url: str, entry: dict, seq_len: int | None = None, vocab_limit: int | None = None,
                        retries: int | None = None, backoff: float | None = None, timeout: float = 30.0) -> dict:
-    """One shard, whole: {"tokens": [arrays], "starts": [...], "docs": [...] or None, "keys": [...],
-    "bytes": bytes read}, samples in key (corpus) order, checked against the manifest entry.
+    """One shard, whole: {"tokens": [arrays], "starts": [...], "docs": [...] or None, "loss_mask": [bool
+    arrays] or None (format 3 shards with masks), "keys": [...], "bytes": bytes read}, samples in key (corpus) order, checked against the manifest entry.
 
     Remote URLs are retried `retries` times (env FLUIDLM_SHARD_RETRIES, default 3) with exponential
     backoff from `backoff` seconds (FLUIDLM_SHARD_BACKOFF, default 1); local files are read once."""
@@ -320,8 +368,9 @@ def read_shard_samples(url: str, entry: dict, seq_len: int | None = None, vocab_
                             f"(the shards were made with another tokenizer, or model.vocab_size is too small); "
                             f"set model.vocab_size above {top} or rebuild the shards with the model's tokenizer")
     docs = [s[k]["docs.npy"] for k in keys] if keys and all("docs.npy" in s[k] for k in keys) else None
-    return {"tokens": tokens, "starts": [s[k]["starts.npy"] for k in keys], "docs": docs, "keys": keys,
-            "bytes": got["bytes"]}
+    masks = [s[k]["mask.npy"].astype(bool) for k in keys] if keys and "mask.npy" in s[keys[0]] else None
+    return {"tokens": tokens, "starts": [s[k]["starts.npy"] for k in keys], "docs": docs, "loss_mask": masks,
+            "keys": keys, "bytes": got["bytes"]}
 
 
 def _check(got: dict, entry: dict, seq_len: int | None) -> str | None:
@@ -333,6 +382,10 @@ def _check(got: dict, entry: dict, seq_len: int | None) -> str | None:
             return f"sample {key} lacks tokens.npy or starts.npy"
         if seq_len is not None and sample["tokens.npy"].shape != (seq_len + 1,):
             return f"sample {key} has shape {sample['tokens.npy'].shape}, expected ({seq_len + 1},)"
+        if ("mask.npy" in sample) != (entry.get("scored_targets") is not None):
+            return f"sample {key}: mask.npy {'present' if 'mask.npy' in sample else 'missing'}, unlike the manifest entry"
+        if "mask.npy" in sample and sample["mask.npy"].shape != sample["tokens.npy"].shape:
+            return f"sample {key}: mask.npy has shape {sample['mask.npy'].shape}, tokens.npy {sample['tokens.npy'].shape}"
     if entry.get("bytes") is not None and got["bytes"] != entry["bytes"]:
         return f"{got['bytes']} bytes read, the manifest says {entry['bytes']}"
     return None

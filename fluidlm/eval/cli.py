@@ -47,10 +47,20 @@ def _lengths(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="step_* folder, checkpoints/ folder, run folder or universal checkpoint. "
                                                         "DeepSpeed's files are pickles: load only checkpoints you trust")
-    p.add_argument("--data", nargs="+", required=True,
+    p.add_argument("--data", nargs="+", default=None,
                    help="a shard manifest.json (or its folder), e.g. data/default/val/manifest.json; or raw text "
-                        "files/folders/.jsonl ({\"text\": ...}) tokenised with the training tokenizer")
-    p.add_argument("--context-lengths", type=_lengths, required=True, help="comma list, e.g. 512,2048,8192 or 1k,4k")
+                        "files/folders/.jsonl ({\"text\": ...}) tokenised with the training tokenizer. --task mqar: "
+                        "an MQAR folder (its test-* splits) or split folders (default: the training data.dir); "
+                        "--task passkey: not used")
+    p.add_argument("--task", choices=["perplexity", "mqar", "passkey"], default="perplexity",
+                   help="perplexity (default); mqar: recall accuracy per (sequence length, pairs) of the test splits "
+                        "in --data; passkey: retrieval per context length × needle depth (fluidlm/eval/tasks.py)")
+    p.add_argument("--context-lengths", type=_lengths, default=None,
+                   help="comma list, e.g. 512,2048,8192 or 1k,4k (required except for --task mqar, where it keeps "
+                        "only the test splits of these sequence lengths)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--task passkey: needle depths in [0, 1]")
+    p.add_argument("--passkey-trials", type=int, default=5, help="--task passkey: keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0, help="--task passkey: seed of the keys")
     p.add_argument("--out", default=None, help="results JSON (default: <run folder>/eval/results.json); the PNG goes beside it")
     p.add_argument("--mode", choices=["disjoint", "sliding"], default="disjoint",
                    help="disjoint: consecutive windows of C tokens, each from an empty state; sliding: windows every "
@@ -178,7 +188,92 @@ def log_mlflow(report: dict, files: list[Path], uri: str, info) -> str | None:
 
 # --- the command -------------------------------------------------------------------------------------
 
+def run_task(args: argparse.Namespace) -> int:
+    """--task mqar | passkey on one process (fluidlm/eval/tasks.py): JSON (+ PNG for passkey) and a table."""
+    import torch
+
+    from fluidlm.eval import EvalError
+    from fluidlm.eval import tasks
+    from fluidlm.eval.inputs import _candidate_data_dirs, load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.eval.perplexity import EvalSpec, check_context_lengths
+    from fluidlm.train.checkpoint_read import checkpoint_info
+
+    t0 = time.perf_counter()
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        info = checkpoint_info(path)
+        model_cfg = info.config["model"]
+        if model_cfg.get("direction", "causal") != "causal":
+            raise EvalError(f"--task {args.task} reads the answer a causal model writes after the prompt; this checkpoint "
+                            "is bidirectional (it needs the answer in its input to score it); use a causal checkpoint")
+        if args.tp > 1 or args.cp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise EvalError(f"--task {args.task} runs on one process (no torchrun, --tp or --cp)")
+        stream = args.stream or args.task == "passkey" and model_cfg["attention"] == "da"  # DA streams the haystack
+        spec = EvalSpec(context_lengths=[], stream=stream, stream_chunk=args.stream_chunk)
+        if args.task == "mqar":
+            inputs = args.data or [str(d) for d in _candidate_data_dirs(info.config, info.run_dir) if d.is_dir()][:1]
+            if not inputs:
+                raise EvalError(f"--task mqar: give --data (the training data {info.config['data']['dir']!r} is not found)")
+            splits = [tasks.read_task_split(m, "mqar", int(model_cfg["vocab_size"])) for m in tasks.mqar_splits(inputs)]
+            if args.context_lengths:
+                splits = [s for s in splits if s[0]["seq_len"] in args.context_lengths]
+            spec.context_lengths = sorted({s[0]["seq_len"] for s in splits})
+        else:
+            if not args.context_lengths:
+                raise EvalError("--task passkey needs --context-lengths (e.g. 1k,4k,16k,64k)")
+            depths = [float(d) for d in args.depths.split(",") if d.strip()]
+            if not depths or any(not 0 <= d <= 1 for d in depths) or args.passkey_trials < 1:
+                raise EvalError(f"--depths must be numbers in [0, 1] and --passkey-trials ≥ 1 (got {args.depths!r}, "
+                                f"{args.passkey_trials})")
+            spec.context_lengths = list(args.context_lengths)
+        check_context_lengths(spec, model_cfg)  # e.g. softmax beyond max_seq_len, DA beyond it without --stream
+        if args.task == "passkey":
+            from fluidlm.data.synthetic import PasskeyText
+            from fluidlm.data.tokenizer import load_tokenizer
+
+            tok_path = Path(args.tokenizer) if args.tokenizer else training_tokenizer(info)[1]
+            if tok_path is None or not tok_path.is_file():
+                raise EvalError("--task passkey needs the training tokenizer: pass --tokenizer PATH/tokenizer.model")
+            text = PasskeyText(load_tokenizer(tok_path))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_model(info, torch.device("cpu"))
+    except (EvalError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+    train_len = int(info.config["data"]["seq_len"])
+    print(f"eval --task {args.task} {path} (step {info.step}, {model_cfg['attention']}, stream {stream})", flush=True)
+    report = {"format": "fluidlm-eval-task", "format_version": 1, "task": args.task, "checkpoint": str(path),
+              "step": info.step, "model": {"attention": model_cfg["attention"], "max_seq_len": model_cfg["max_seq_len"],
+                                           "parameters": sum(p.numel() for p in model.parameters())},
+              "train_seq_len": train_len, "stream": stream, "stream_chunk": args.stream_chunk if stream else None}
+    if args.task == "mqar":
+        report["results"] = tasks.score_mqar(model, splits, stream, args.stream_chunk, args.batch_tokens, args.progress)
+        table = tasks.format_mqar(report["results"], train_len)
+    else:
+        report.update(depths=depths, trials=args.passkey_trials, seed=args.seed, candidates=tasks.RANK_CANDIDATES)
+        report["results"] = tasks.score_passkey(model, text, spec.context_lengths, depths, args.passkey_trials,
+                                                args.seed, args.stream_chunk, args.progress)
+        table = tasks.format_passkey(report["results"]) + "\n" + tasks.format_passkey(report["results"], "mean_rank")
+    report["seconds"] = time.perf_counter() - t0
+    out = Path(args.out) if args.out else (info.run_dir or Path(".")) / "eval" / f"{args.task}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(table, flush=True)
+    if args.task == "passkey" and args.plot:
+        title = f"passkey: {path} ({model_cfg['attention']}, trained at {train_len} tokens, {args.passkey_trials} keys/cell)"
+        print(f"heatmap: {tasks.plot_passkey(report['results'], out.with_suffix('.png'), title)}")
+    print(f"results: {out}", flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.task != "perplexity":
+        return run_task(args)
+    if args.context_lengths is None or args.data is None:
+        print("error: --task perplexity needs --data and --context-lengths", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     from fluidlm.eval import EvalError
     from fluidlm.eval.inputs import load_documents, load_model, resolve_checkpoint
     from fluidlm.eval.perplexity import EvalSpec, apply_objective, check_context_lengths, evaluate

@@ -10,13 +10,20 @@ from fluidlm.train.config import Config
 
 
 def split_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)} → (inputs, targets, resets), each
-    (B, L): the attention state resets at every row start and every document start, so no document
-    (and no row) sees another."""
+    """Loader batch {"tokens": (B, L+1), "doc_starts": (B, L+1)[, "loss_mask": (B, L+1)]} →
+    (inputs, targets, resets), each (B, L): the attention state resets at every row start and every
+    document start, so no document (and no row) sees another. A loss mask turns the targets it does
+    not select into IGNORE (-100), which every loss path (TP, PP, CP, DP) already leaves out of its
+    sum and its count."""
+    from fluidlm.model.objective import IGNORE
+
     tokens, starts = batch["tokens"], batch["doc_starts"]
     resets = starts[:, :-1].clone()
     resets[:, 0] = True
-    return tokens[:, :-1], tokens[:, 1:], resets
+    targets = tokens[:, 1:]
+    if "loss_mask" in batch:
+        targets = torch.where(batch["loss_mask"][:, 1:], targets, torch.full_like(targets, IGNORE))
+    return tokens[:, :-1], targets, resets
 
 
 class Objective:

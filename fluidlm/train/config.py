@@ -141,6 +141,11 @@ class TrainConfig(StrictModel):
     eval_tokens: int = Field(
         65536, ge=1, description="tokens in the validation slice: the first samples of the split in manifest order "
                                  "(the same every time, so the curve is comparable), shared out over data-parallel ranks")
+    eval_tasks: list[Literal["mqar"]] = Field(
+        default_factory=list, description="synthetic tasks scored at every validation (train.eval_every) on the "
+                                          "validation slice, which must then be that task's split (`fluidlm data "
+                                          "synthetic mqar`): the share of scored targets whose greedy (argmax) "
+                                          "prediction is right, logged as val/<task>_acc; needs parallel.tp = pp = cp = 1")
     debug_nan_at_step: int | None = Field(
         None, ge=1, description="debug switch: make the loss NaN at this step (tests the NaN stop); null = off")
 
@@ -244,6 +249,14 @@ class Config(StrictModel):
                              f"needs at least one block; use parallel.pp ≤ {self.model.n_layers}")
         if self.train.stop_at is not None and self.train.stop_at > self.train.steps:
             raise ValueError(f"train.stop_at={self.train.stop_at} is after train.steps={self.train.steps}")
+        if self.train.eval_tasks:
+            if not self.train.eval_every:
+                raise ValueError(f"train.eval_tasks={self.train.eval_tasks} are scored at each validation; set "
+                                 "train.eval_every (e.g. 100) or remove train.eval_tasks")
+            if (self.parallel.tp, self.parallel.pp, self.parallel.cp) != (1, 1, 1):
+                raise ValueError(f"train.eval_tasks needs parallel.tp = pp = cp = 1 (it reads the full logits of one "
+                                 f"process; data parallelism is fine), got tp={self.parallel.tp} pp={self.parallel.pp} "
+                                 f"cp={self.parallel.cp}; score the checkpoints with `fluidlm eval --task` instead")
         if self.train.debug_nan_at_step is not None and self.train.debug_nan_at_step > self.train.steps:
             raise ValueError(f"train.debug_nan_at_step={self.train.debug_nan_at_step} is after train.steps={self.train.steps}")
         return self
@@ -420,6 +433,10 @@ def _check_source(config: Config, field: str, folder: str) -> dict:
                               f"{what} (shards made with another tokenizer?); rebuild the shards with the tokenizer of "
                               f"{folder}/tokenizer.model, or set model.vocab_size above {top} if the vocabulary is larger")
     if config.train.objective == "masked_lm":
+        if manifest.get("loss_mask"):
+            raise ConfigError(f"train.objective=masked_lm: the shards in {str(manifest_path.parent)!r} carry loss masks "
+                              "(next-token targets to score), which the masked-token loss would ignore; train them "
+                              "with train.objective=causal_lm and a causal model")
         resolve_masked_lm(config, manifest, manifest_path)
     if config.train.eval_every and field in ("data.dir", f"data.sources[{config.data.source_list()[0][0]}].dir") \
             and folder == config.data.dir:
@@ -428,6 +445,12 @@ def _check_source(config: Config, field: str, folder: str) -> dict:
             raise ConfigError(f"train.eval_every={config.train.eval_every} validates on {str(val)!r}, which does not exist "
                               f"(data.val_split={config.data.val_split!r}); run `fluidlm data prepare --out {folder}` "
                               f"or set train.eval_every=0")
+        task = (json.loads(val.read_text()).get("task") or {}).get("name")
+        for wanted in config.train.eval_tasks:
+            if task != wanted:
+                raise ConfigError(f"train.eval_tasks: {wanted!r} is scored on the validation split {str(val)!r}, which "
+                                  f"holds {'task ' + repr(task) if task else 'text'}; make it with `fluidlm data "
+                                  f"synthetic {wanted} --out {folder}` or remove {wanted!r} from train.eval_tasks")
     return manifest
 
 

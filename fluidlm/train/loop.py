@@ -274,7 +274,7 @@ def train(config: Config, resume_from=None) -> int:
             tokens_per_s = tokens_per_step / step_time
             val = {}
             if val_batches is not None and (progress.step % t.eval_every == 0 or progress.step == t.steps):
-                val = validate(engine, val_batches, dist_info, Objective(config), t.grad_accum)
+                val = validate(engine, val_batches, dist_info, Objective(config), t.grad_accum, t.eval_tasks)
             if progress.step % config.logging.every == 0 or progress.step == last_step or val:
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
@@ -288,14 +288,15 @@ def train(config: Config, resume_from=None) -> int:
                     "tokens": progress.tokens,
                     "step_time_s": step_time,
                     **loader.mixture_metrics(),  # tokens drawn per data source (several sources only)
-                    **val,  # val/loss, val/perplexity, val/tokens at validation steps
+                    **val,  # val/loss, val/perplexity, val/tokens (+ val/<task>_acc) at validation steps
                 }
                 tracker.log(progress.step, metrics)
             if bar is not None:  # the postfix first: update() redraws, so the bar shows this step's loss
                 if val:
-                    last_val = f"{val['val/loss']:.4f}"
-                bar.set_postfix(loss=f"{loss_value:.4f}", **({"val": last_val} if val_batches is not None and last_val
-                                                             else {}), tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    last_val = {"val": f"{val['val/loss']:.4f}",
+                                **{f"{task}_acc": f"{val[f'val/{task}_acc']:.3f}" for task in t.eval_tasks}}
+                bar.set_postfix(loss=f"{loss_value:.4f}", **(last_val if val_batches is not None and last_val else {}),
+                                tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
 
             stopping = stop_votes > 0

@@ -39,11 +39,12 @@ def validation_batches(manifest_path: Path, eval_tokens: int, micro_batch_size: 
     per_round = micro_batch_size * dp_size * group
     rounds = max(1, math.ceil(math.ceil(eval_tokens / seq_len) / per_round))
     need = rounds * per_round
-    tokens, starts = [], []
+    tokens, starts, loss_masks = [], [], []
     for entry in manifest["shards"]:
         got = read_shard_samples(shard_url(manifest, entry), entry, seq_len, vocab_limit)
         tokens += got["tokens"]
         starts += got["starts"]
+        loss_masks += got["loss_mask"] or [np.ones(seq_len + 1, bool)] * len(got["tokens"])
         if len(tokens) >= need:
             break
     if len(tokens) < per_round:
@@ -58,18 +59,32 @@ def validation_batches(manifest_path: Path, eval_tokens: int, micro_batch_size: 
         mask = np.zeros(rows.shape, dtype=bool)  # starts.npy lists a sample's document starts: as the loader's mask
         for r, positions in enumerate(starts[first:first + micro_batch_size]):
             mask[r, positions.astype(np.int64)] = True
-        batches.append({"tokens": torch.from_numpy(rows), "doc_starts": torch.from_numpy(mask)})
+        batch = {"tokens": torch.from_numpy(rows), "doc_starts": torch.from_numpy(mask)}
+        if manifest.get("loss_mask"):  # only the masked targets are scored (and counted)
+            batch["loss_mask"] = torch.from_numpy(np.stack(loss_masks[first:first + micro_batch_size]))
+        batches.append(batch)
     return batches
 
 
+def greedy_hits(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens=None) -> tuple[int, int]:
+    """(right, scored) of a dense FluidLM on one batch: the scored targets (≠ -100) and how many of
+    them its greedy (argmax) prediction gets right. Only the scored rows go through the LM head."""
+    scored = targets != -100
+    logits = model.parallel.lm_logits(model.hidden_states(inputs, cu_seqlens)[scored], model.embed.weight)
+    return int((logits.argmax(-1) == targets[scored]).sum()), int(scored.sum())
+
+
 @torch.no_grad()
-def validate(engine, batches: list[dict], dist_info, objective: Objective, grad_accum: int) -> dict:
-    """{"val/loss", "val/perplexity", "val/tokens"} over the slice (all ranks call it)."""
+def validate(engine, batches: list[dict], dist_info, objective: Objective, grad_accum: int,
+             tasks: list[str] = ()) -> dict:
+    """{"val/loss", "val/perplexity", "val/tokens"} over the slice (all ranks call it), and for each
+    of `tasks` (train.eval_tasks; tp = pp = cp = 1) "val/<task>_acc": the greedy accuracy on the
+    slice's scored targets (every rank scores its batches, the counts are summed)."""
     layout = dist_info.layout
     was_training = engine.module.training
     engine.eval()
     try:
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)
         if layout.pp > 1:
             for start in range(0, len(batches), grad_accum):
                 group = batches[start:start + grad_accum]
@@ -77,7 +92,7 @@ def validate(engine, batches: list[dict], dist_info, objective: Objective, grad_
                              for j, b in enumerate(group))
                 loss = engine.eval_batch(pipeline_batches(iter(group), dist_info.device, len(group), objective,
                                                           VALIDATION_STEP))
-                total += torch.tensor([float(loss) * scored, scored], dtype=torch.float64)
+                total[:2] += torch.tensor([float(loss) * scored, scored], dtype=torch.float64)
         else:
             for micro, batch in enumerate(batches):
                 _, full_targets = objective(*split_batch(batch)[:2], VALIDATION_STEP, micro)
@@ -85,12 +100,16 @@ def validate(engine, batches: list[dict], dist_info, objective: Objective, grad_
                 inputs, targets, cu_seqlens = batch_to_inputs(batch, dist_info.device, layout.cp, dist_info.cp_rank,
                                                               objective, VALIDATION_STEP, micro)
                 loss = engine(inputs, targets, cu_seqlens)
-                total += torch.tensor([float(loss) * scored, scored], dtype=torch.float64)
+                total[:2] += torch.tensor([float(loss) * scored, scored], dtype=torch.float64)
+                if tasks:
+                    total[2:] += torch.tensor(greedy_hits(engine.module.model, inputs, targets, cu_seqlens),
+                                              dtype=torch.float64)
         total = total.to(dist_info.device)
         dist.all_reduce(total)
-        loss_sum, count = total.tolist()
+        loss_sum, count, right, answered = total.tolist()
     finally:
         engine.train(was_training)
     loss = loss_sum / max(count, 1.0)
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)),
-            "val/tokens": int(count) // (layout.tp * layout.cp * layout.pp)}
+            "val/tokens": int(count) // (layout.tp * layout.cp * layout.pp),
+            **{f"val/{task}_acc": right / max(answered, 1.0) for task in tasks}}
