@@ -116,7 +116,7 @@ def newest_verified(ckpt_dir: Path) -> Path | None:
         issues, _ = verify(path)
         if not issues:
             if refused:
-                _log(f"WARNING: using {path.name}, the newest checkpoint that verifies (skipped: {' | '.join(refused)})")
+                _log(f"WARNING: falling back to {path.name}, the newest checkpoint that verifies")
             return path
         refused.append(f"{path.name}: {'; '.join(issues)}")
         _log(f"WARNING: {path} fails verification ({'; '.join(issues)}); trying the next newest complete checkpoint")

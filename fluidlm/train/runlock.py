@@ -78,14 +78,17 @@ def acquire(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
+    start = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            holder = _read(path)
-            if _alive(holder) or time.monotonic() > deadline:
+            holder, waited = _read(path), time.monotonic() - start
+            if not holder and waited < 2.0:  # it has just taken the lock and not written its name yet
+                time.sleep(0.05)
+                continue
+            if (holder and _alive(holder)) or waited > DEAD_HOLDER_WAIT_S:
                 os.close(fd)
                 raise _refusal(run_dir, holder, f"it holds {path}") from None
             time.sleep(0.5)  # the holder died; its forked children still share the lock for a moment
