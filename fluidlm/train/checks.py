@@ -97,20 +97,24 @@ def check_resume(resume_from, config, world: int) -> None:
 
 def check_writable(folder, what: str) -> None:
     """`folder` exists or can be made, and a file can be written in it (OSError → ConfigError naming
-    `what`, e.g. "train.run_dir='runs/x'")."""
+    `what`, e.g. "train.run_dir='runs/x'"). Folders it had to make for the test are removed again."""
     import os
+    import shutil
     import socket
     import uuid
     from pathlib import Path
 
     from fluidlm.train.config import ConfigError
 
-    folder = Path(folder)
+    folder = Path(folder).absolute()
+    first_missing = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
     except OSError as exc:
         raise ConfigError(f"{what} is not writable ({exc.strerror or exc}: {exc.filename or folder}); choose a "
                           "folder you can write to") from None

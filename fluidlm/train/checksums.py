@@ -86,7 +86,7 @@ def _metadata_problems(path: Path) -> list[str]:
     if tag and int(tag.group(1)) != step:
         out.append(f"{meta_file.name} says step {step} but the folder is {path.name} (step {int(tag.group(1))})")
     rank0 = path / "client" / "rank_00000.pt"
-    if not universal and rank0.is_file():
+    if not universal and rank0.is_file() and (path / CHECKSUMS_JSON).is_file():  # (older ones kept no step there)
         try:
             saved = torch.load(rank0, map_location="cpu", weights_only=True).get("step")
         except Exception as exc:  # noqa: BLE001 - a corrupt file: the checksums name it too
