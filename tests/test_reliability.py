@@ -439,6 +439,65 @@ def test_a_mislabelled_client_state_is_refused_as_inconsistent(runs, tmp_path, c
         resolve_resume(str(ck / "step_00000006"), ck)
 
 
+def test_run_lock_names_its_holder_is_freed_by_kill_9_and_falls_back_without_flock(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from fluidlm.train import runlock
+
+    host, run = socket.gethostname(), tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fluidlm.train.runlock import acquire; "
+                               "acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlock.RunLockError, match=f"in use by another training .host {host}, pid {holder.pid}, "
+                                                        "started 20"):
+            runlock.acquire(run)
+        assert f"pid {holder.pid}" in runlock.holder(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    runlock.acquire(run)  # a kill -9 leaves no stale lock
+    assert runlock.holder(run) is None  # (ours)
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    nfs = tmp_path / "nfs"
+    nfs.mkdir()
+    (nfs / runlock.PID_FILE).write_text(json.dumps({"host": host, "pid": dead.pid, "started": "then"}))
+    runlock.acquire(nfs)
+    err = capsys.readouterr().err
+    assert "does not support flock" in err and f"removing the stale lock {nfs / runlock.PID_FILE}" in err
+    assert json.loads((nfs / runlock.PID_FILE).read_text())["pid"] == os.getpid()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / runlock.PID_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": "then"}))
+    with pytest.raises(runlock.RunLockError, match=r"host node7, pid 1, started then.*if that run is gone.*delete the file"):
+        runlock.acquire(elsewhere)
+
+
+def test_train_failure_paths_are_messages_not_tracebacks(tmp_path):
+    """Issue 27 item 5: an unwritable train.run_dir and a micro-batch larger than the validation split
+    exit 2 with a message naming the field, before any process group (no DeepSpeed, no traceback)."""
+    data = make_dataset(tmp_path / "data", samples=64)  # val: 8 samples
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "/a-file/run' is not writable": tiny_config(data, tmp_path / "a-file" / "run"),
+        "holds 8 validation samples, fewer than one micro-batch per data-parallel rank (train.micro_batch_size 16":
+            tiny_config(data, tmp_path / "v", train={"eval_every": 2, "micro_batch_size": 16}),
+    }
+    for expected, config in cases.items():
+        path = write_config(tmp_path / "c.yaml", config)
+        proc = subprocess.run([sys.executable, "-m", "fluidlm", "train", "--config", str(path)], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "deepspeed" not in proc.stderr.lower()
+
+
 # --- the runner (a subprocess) ---------------------------------------------------------------------
 
 def _runner(jobs_path: Path, out_path: Path) -> None:

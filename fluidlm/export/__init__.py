@@ -125,6 +125,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         if tok_path is None:
             notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "
                          f"model the checkpoint was trained with to {out / TOKENIZER}, or pass --tokenizer PATH")
+    out.mkdir(parents=True, exist_ok=True)
     (out / WEIGHTS).unlink(missing_ok=True)  # what marks a folder as an export goes first, comes back last
     writers = {
         CONFIG: lambda tmp: tmp.write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step,
