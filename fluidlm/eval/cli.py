@@ -296,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
     if main:
         report["seconds"] = time.perf_counter() - t0
         report["mlflow_eval_run_id"] = None
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         files = [out]
         if args.plot:
