@@ -1,6 +1,6 @@
 """Issue 16 items 1 and 7: token ids beyond the vocabulary are caught at start-up and at shard read,
 naming the shard, the id and the fix; loader caches are per instance (no eviction between two
-loaders, loaders are garbage-collectable)."""
+loaders, loaders are garbage-collectable). Issue 27: member checksums catch a changed token id."""
 
 import gc
 import json
@@ -88,6 +88,48 @@ def test_shard_read_names_the_shard_and_the_id_beyond_the_vocabulary(shards, tmp
                                         r"ids.*model\.vocab_size"):
         next(iter(ld))
     assert next(iter(ShardLoader(old, micro_batch_size=2, vocab_size=400)))["tokens"].max() < 400
+
+
+def _change_token_ids(shard: Path, member_index: int = 3, count: int = 16) -> str:
+    """Change `count` token ids inside the tokens.npy member of one sample, in place: the same size,
+    still inside the vocabulary. Returns the sample's key."""
+    import tarfile
+
+    import numpy as np
+
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".tokens.npy")][member_index]
+    data = bytearray(shard.read_bytes())
+    body = member.offset_data + member.size - 2 * count  # the last `count` uint16 ids of the sample
+    ids = np.frombuffer(bytes(data[body:body + 2 * count]), dtype=np.uint16)
+    data[body:body + 2 * count] = ((ids.astype(np.int64) % 200) + 5).astype(np.uint16).tobytes()
+    shard.write_bytes(bytes(data))
+    return member.name.split(".")[0]
+
+
+def test_a_changed_token_id_in_a_shard_is_caught_naming_shard_and_sample(shards, tmp_path, capsys):
+    """Issue 27: 16 token ids changed inside a tokens.npy member (same size, ids in the vocabulary):
+    the member's crc32 in the manifest catches it when the loader reads the shard, and `fluidlm data
+    verify` reports it offline (exit 2); the intact split verifies (exit 0)."""
+    import shutil
+
+    from fluidlm.cli import main
+
+    copy = tmp_path / "train"
+    shutil.copytree(shards / "train", copy)
+    m = load_manifest(copy)
+    assert all(len(e["member_crc32"]) == 3 * e["samples"] for e in m["shards"])
+    key = _change_token_ids(copy / m["shards"][0]["file"])
+    pattern = rf"shard '.*shard-000000\.tar' is unreadable, truncated or corrupt \(sample {key}: its tokens\.npy fails its crc32"
+    ld = ShardLoader(copy, micro_batch_size=2, lanes=1, window=len(m["shards"]))
+    with pytest.raises(DataError, match=pattern):
+        next(iter(ld))
+    assert main(["data", "verify", str(copy)]) == 2
+    out = capsys.readouterr()
+    assert f"sample {key}: its tokens.npy fails its crc32" in out.err and out.out.startswith("FAILED")
+    assert main(["data", "verify", str(shards)]) == 0  # a data folder: train/ and val/
+    out = capsys.readouterr().out
+    assert out.count("ok ") == 2 and "member crc32 checksums" in out and "tokens/s" in out
 
 
 def test_a_newer_manifest_format_is_refused_with_the_fix(shards, tmp_path):

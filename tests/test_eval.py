@@ -228,6 +228,30 @@ def test_bad_input_exits_2_with_a_message(trained, capsys):
     assert not (trained["tmp"] / "out" / "bad.json").exists()
 
 
+def test_unwritable_out_and_ctrl_c_exit_cleanly(trained, capsys, monkeypatch):
+    """Issue 27: --out where no file can be written → exit 2 before the checkpoint is read; Ctrl-C
+    while scoring → exit 130 with one line and no results file (nor a temporary one)."""
+    import fluidlm.eval.inputs
+    import fluidlm.eval.perplexity
+
+    (trained["tmp"] / "a-file").write_text("x")
+    with monkeypatch.context() as m:
+        m.setattr(fluidlm.eval.inputs, "read_pinned", lambda *a: pytest.fail("read before --out was checked"))
+        code, err = run_eval(["--checkpoint", str(trained["ckpt"]), "--context-lengths", "16", "--data",
+                              str(trained["val"]), "--out", str(trained["tmp"] / "a-file" / "r.json")], capsys)
+    assert code == 2 and "--out" in err and "is not writable" in err, err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fluidlm.eval.perplexity, "evaluate", interrupted)
+    out = trained["tmp"] / "interrupted" / "r.json"
+    code, err = run_eval(["--checkpoint", str(trained["ckpt"]), "--context-lengths", "16", "--data",
+                          str(trained["val"]), "--out", str(out)], capsys)
+    assert code == 130 and err.strip().count("\n") == 0 and "interrupted (Ctrl-C)" in err, err
+    assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
 def test_mlflow_eval_run_is_linked_to_the_training_run(trained, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +274,51 @@ def test_export_of_a_trained_zero1_checkpoint(tmp_path, capsys):
         assert torch.equal(reloaded.state_dict()[k], v), k
     ids = [3 + (5 + 3 * i) % 250 for i in range(40)]
     torch.testing.assert_close(full_logits(reloaded, ids), full_logits(reference, ids), atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_foreign_folder_survives_rotation_and_ctrl_c(exported, tmp_path, capsys, monkeypatch):
+    """Issue 27: --out non-empty without an export → exit 2 unless --force (which keeps other files);
+    an unwritable --out → exit 2 before reading; a checkpoint rotated away while it is read → the
+    run's newest one is read; Ctrl-C → exit 130, one line, no model.safetensors (nothing that looks
+    like a complete export) and no temporary file."""
+    import safetensors.torch
+
+    import fluidlm.train.checkpoint_read as reader
+
+    e = exported["da"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{\"mine\": 1}")
+    code, _, err = export(["--checkpoint", str(e["run"]), "--out", str(foreign)], capsys)
+    assert code == 2 and "is not empty and holds no export (config.json)" in err and "--force" in err
+    assert (foreign / "config.json").read_text() == "{\"mine\": 1}"
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = export(["--checkpoint", str(e["run"]), "--out", str(tmp_path / "a-file" / "out")], capsys)
+    assert code == 2 and "--out" in err and "is not writable" in err and "Traceback" not in err
+
+    run = tmp_path / "rotating"
+    write_checkpoint(e["model"], run, step=3)
+    write_checkpoint(e["model"], run, step=4)
+    original, calls = reader.read_checkpoint_state, []
+
+    def rotate_then_read(path):  # the training saves step 5 and deletes step 4 (keep 1) meanwhile
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            write_checkpoint(e["model"], run, step=5)
+            shutil.rmtree(path)
+        return original(path)
+
+    monkeypatch.setattr(reader, "read_checkpoint_state", rotate_then_read)
+    code, _, err = export(["--checkpoint", str(run), "--out", str(foreign), "--force"], capsys)
+    assert code == 0, err
+    assert calls == ["step_00000004", "step_00000005"] and "rotated away while it was read" in err
+    assert json.loads((foreign / "config.json").read_text())["fluidlm"]["step"] == 5
+
+    def interrupted(state, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    code, _, err = export(["--checkpoint", str(run), "--out", str(foreign), "--force"], capsys)
+    assert code == 130 and err.strip().count("\n") == 0 and "interrupted (Ctrl-C)" in err, err
+    assert not (foreign / "model.safetensors").exists() and not list(foreign.glob(".*tmp"))

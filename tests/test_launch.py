@@ -3,7 +3,9 @@ machine. Two "nodes" (two launches, --nnodes=2, one gloo process each, rendezvou
 reproduce the single-node 2-process losses; SIGKILL of a worker mid-run makes torchrun restart
 the group (--max-restarts 1), which resumes from the newest complete checkpoint and ends with the
 uninterrupted run's losses and weights; --dry-run prints the torchrun command; bad endpoints and
-layouts fail in seconds with exit code 2. Tiny model (d_model 32, 2 layers, vocab 256)."""
+layouts fail in seconds with exit code 2. Issue 27: one writer per run folder (two trainings started
+together; --resume auto while one runs), no orphans after SIGKILL of the agent. Tiny model (d_model
+32, 2 layers, vocab 256)."""
 
 from __future__ import annotations
 
@@ -177,6 +179,91 @@ def test_sigkill_of_a_worker_restarts_the_group_from_the_last_checkpoint(setup, 
     assert steps == [f"step_{s:08d}" for s in range(EVERY, STEPS + 1, EVERY)]
     assert all(not problems(ck / s) for s in steps) and len(complete_checkpoints(ck)) == len(steps)
     assert not list(ck.glob(".tmp-*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except OSError:
+        return False
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _train(cfg: Path, *args: str, background: bool = False):
+    cmd = [sys.executable, "-m", "fluidlm.train", "--config", str(cfg), *args]
+    if background:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_two_trainings_on_one_run_folder_one_writer(setup):
+    """Issue 27 item 1: two `fluidlm train` started together on one folder: one trains, the other
+    exits 2 naming it (host, pid, start time) before any process group; so does `--resume auto` (and
+    `fluidlm launch`) while the first still runs. metrics.jsonl gets every step once."""
+    tmp, config = setup
+    cfg = config("locked", train={"steps": 100000}, checkpoint={"every": 2, "keep": 2})
+    run = tmp / "runs" / "locked"
+    procs = [_train(cfg, background=True) for _ in range(2)]
+    try:
+        _wait_for(lambda: any(p.poll() is not None for p in procs), 90, "one of the two to give up")
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        err = loser.stderr.read()
+        assert loser.returncode == 2, err
+        assert (f"is in use by another training (host {socket.gethostname()}, pid {winner.pid}, started "
+                in err), err
+        assert "Traceback" not in err and "deepspeed" not in err.lower()
+        _wait_for(lambda: (run / "checkpoints" / "latest").exists(), 90, "the winner's first checkpoint")
+        again = _train(cfg, "--resume", "auto")
+        assert again.returncode == 2 and f"pid {winner.pid}, started" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr
+        launched = launch(cfg, "--dry-run", cwd=tmp, timeout=60)
+        assert launched.returncode == 2 and "is in use by another training" in launched.stderr, launched.stderr
+        winner.send_signal(signal.SIGTERM)  # stops after its step, saves, exits 0
+        assert winner.wait(timeout=60) == 0, winner.stderr.read()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    steps = [m["step"] for m in read_metrics(run)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_sigkill_of_the_agent_leaves_no_worker_behind(setup):
+    """Issue 27 item 4: SIGKILL of the torchrun agent (what `fluidlm launch` execs into): both workers
+    die within seconds (PR_SET_PDEATHSIG), instead of training on as orphans; the run lock is free."""
+    from fluidlm.train.runlock import holder
+
+    tmp, config = setup
+    cfg = config("orphans", train={"steps": 100000}, checkpoint={"every": 0})
+    run = tmp / "runs" / "orphans"
+    agent = launch(cfg, "--nproc-per-node", "2", cwd=tmp, background=True)
+    try:
+        _wait_for(lambda: len(read_metrics(run)) >= 2 or agent.poll() is not None, 150, "training to start")
+        assert agent.poll() is None, agent.stdout.read()[-3000:]
+        workers = _workers([agent.pid])
+        assert sorted(workers) == [0, 1] and holder(run) is not None
+        os.kill(agent.pid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(pid) for pid in workers.values()):
+            time.sleep(0.1)
+        survivors = [pid for pid in workers.values() if _alive(pid)]
+        assert not survivors, f"workers {survivors} outlived their agent"
+        # the lock goes with the last process sharing it (a worker's forked helpers follow it shortly)
+        _wait_for(lambda: holder(run) is None, 15, "the run lock to be released")
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        agent.wait()
 
 
 def test_dry_run_prints_the_torchrun_command(setup):

@@ -1,6 +1,7 @@
 """Reliability (issue 16): a changed model on resume, a full disk during a save, half-deleted and
 re-saved checkpoints, a stale `latest`, non-finite gradients, the CP halo's batched p2p, and the
-convert command's error.
+convert command's error; issue 27: checksums (a flipped byte in each checkpoint file, the fallback
+of --resume auto) and a checkpoint whose records disagree about its step.
 
 The training jobs run in ONE subprocess (this file run as a script: `python tests/test_reliability.py
 jobs.json results.json`) on the tiny model of tests/train_helpers.py, so DeepSpeed is imported once.
@@ -65,6 +66,10 @@ def _jobs(data: Path, runs: Path) -> list[dict]:
         {"name": "z0_inf", "config": cfg("z0_inf", parallel=z0, checkpoint={"every": 4}), "inf_grad_at": 6},
         {"name": "z0_inf_resume", "config": cfg("z0_inf", parallel=z0, checkpoint={"every": 4}), "resume": "auto"},
         {"name": "z1_inf", "config": cfg("z1_inf", checkpoint={"every": 4}), "inf_grad_at": 6},
+        # Issue 27: a copy of `base` with a flipped byte in its newest checkpoint's weights: --resume auto
+        # falls back to the newest checkpoint that verifies (step 6) and continues exactly.
+        {"name": "flip_resume", "config": cfg("flip", train={"steps": 10}), "resume": "auto", "copy_from": "base",
+         "flip": "step_00000008/mp_rank_00_model_states.pt"},
         # 2: a changed model on resume (allowed changes next to it: steps, LR, logging)
         {"name": "shape", "config": cfg("base", model={"d_model": 48, "n_heads": 3}, train={"steps": 10},
                                         optim={"lr": 1e-3}, logging={"every": 2}), "resume": "auto"},
@@ -85,6 +90,14 @@ def runs(tmp_path_factory):
     assert "fluidlm from " + str(ROOT / "fluidlm") in proc.stdout  # the runner ran this checkout's code
     return {"runs": r, "data": data, "results": json.loads(out.read_text()), "stdout": proc.stdout,
             "seconds": time.perf_counter() - start}
+
+
+def flip_bytes(path: Path, offset: int | None = None, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of a file (or at `offset`): same size, different content."""
+    data = bytearray(Path(path).read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    data[at:at + count] = bytes(b ^ 0xFF for b in data[at:at + count])
+    Path(path).write_bytes(bytes(data))
 
 
 def _incomplete(ck: Path) -> list[str]:
@@ -365,6 +378,126 @@ def test_cp_halo_uses_one_batched_p2p_per_exchange(tmp_path):
     assert got[0]["batched"] == [2, 2] and got[1]["batched"] == [4, 4] and got[2]["batched"] == [2, 2]
 
 
+# --- issue 27: checksums and a checkpoint that disagrees with itself --------------------------------
+
+@pytest.mark.slow  # the shared runner: 20-40 s of training jobs on 2 cores
+def test_every_checkpoint_has_a_manifest_of_its_files(runs):
+    ck = runs["runs"] / "base" / "checkpoints" / "step_00000008"
+    listed = json.loads((ck / "checksums.json").read_text())["files"]
+    on_disk = sorted(str(p.relative_to(ck)) for p in ck.rglob("*") if p.is_file())
+    assert sorted(listed) == [n for n in on_disk if n not in ("checksums.json", "client_state.json")]
+    assert all(len(e["sha256"]) == 64 and e["bytes"] == (ck / n).stat().st_size for n, e in listed.items())
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "client/rank_00000.pt"])
+@pytest.mark.slow  # the shared runner: 20-40 s of training jobs on 2 cores
+def test_a_flipped_byte_in_any_checkpoint_file_is_refused_naming_the_file(runs, tmp_path, capsys, name):
+    from fluidlm.train.checkpoint_cli import verify_command
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["runs"] / "base", run)
+    ck = run / "checkpoints"
+    flip_bytes(ck / "step_00000008" / name)
+    with pytest.raises(CheckpointError, match=f"fails verification .{name}: its sha256 differs"):
+        resolve_resume(str(ck / "step_00000008"), ck)
+    capsys.readouterr()
+    assert resolve_resume("auto", ck) == ck / "step_00000006"  # --resume auto: the newest that verifies
+    err = capsys.readouterr().err
+    assert f"step_00000008 fails verification ({name}" in err and "falling back to step_00000006" in err
+    assert verify_command(argparse.Namespace(path=str(run))) == 2
+    out = capsys.readouterr()
+    assert f"FAILED {ck / 'step_00000008'}: {name}" in out.err and f"ok {ck / 'step_00000006'}" in out.out
+
+
+@pytest.mark.slow  # the shared runner: 20-40 s of training jobs on 2 cores
+def test_resume_auto_falls_back_past_a_corrupt_checkpoint_and_continues_exactly(runs):
+    res = runs["results"]["flip_resume"]
+    assert res["code"] == 0, res
+    assert "falling back to step_00000006" in res["stderr"]
+    flipped, base = losses(runs["runs"] / "flip"), losses(runs["runs"] / "base")
+    assert list(flipped) == list(range(1, 11)) and all(flipped[s] == base[s] for s in base)
+
+
+@pytest.mark.slow  # the shared runner: 20-40 s of training jobs on 2 cores
+def test_a_mislabelled_client_state_is_refused_as_inconsistent(runs, tmp_path, capsys):
+    from fluidlm.train.checkpoint_read import CheckpointError, resolve_resume
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["runs"] / "base", run)
+    ck = run / "checkpoints"
+    meta_file = ck / "step_00000008" / "client_state.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "step": 2}))
+    with pytest.raises(CheckpointError, match="client_state.json says step 2 but the folder is step_00000008"):
+        resolve_resume(str(ck / "step_00000008"), ck)
+    assert resolve_resume("auto", ck) == ck / "step_00000006"
+    # the loader/RNG state of another step under a consistent label
+    shutil.copy(ck / "step_00000004" / "client" / "rank_00000.pt", ck / "step_00000006" / "client" / "rank_00000.pt")
+    with pytest.raises(CheckpointError, match=r"rank_00000.pt \(the loader and RNG state\) is of step 4, "
+                                              "client_state.json says step 6"):
+        resolve_resume(str(ck / "step_00000006"), ck)
+
+
+def test_run_lock_names_its_holder_is_freed_by_kill_9_and_falls_back_without_flock(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from fluidlm.train import runlock
+
+    host, run = socket.gethostname(), tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fluidlm.train.runlock import acquire; "
+                               "acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlock.RunLockError, match=f"in use by another training .host {host}, pid {holder.pid}, "
+                                                        "started 20"):
+            runlock.acquire(run)
+        assert f"pid {holder.pid}" in runlock.holder(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    runlock.acquire(run)  # a kill -9 leaves no stale lock
+    assert runlock.holder(run) is None  # (ours)
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    nfs = tmp_path / "nfs"
+    nfs.mkdir()
+    (nfs / runlock.PID_FILE).write_text(json.dumps({"host": host, "pid": dead.pid, "started": "then"}))
+    runlock.acquire(nfs)
+    err = capsys.readouterr().err
+    assert "does not support flock" in err and f"removing the stale lock {nfs / runlock.PID_FILE}" in err
+    assert json.loads((nfs / runlock.PID_FILE).read_text())["pid"] == os.getpid()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / runlock.PID_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": "then"}))
+    with pytest.raises(runlock.RunLockError, match=r"host node7, pid 1, started then.*if that run is gone.*delete the file"):
+        runlock.acquire(elsewhere)
+
+
+def test_train_failure_paths_are_messages_not_tracebacks(tmp_path):
+    """Issue 27 item 5: an unwritable train.run_dir and a micro-batch larger than the validation split
+    exit 2 with a message naming the field, before any process group (no DeepSpeed, no traceback)."""
+    data = make_dataset(tmp_path / "data", samples=64)  # val: 8 samples
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "/a-file/run' is not writable": tiny_config(data, tmp_path / "a-file" / "run"),
+        "holds 8 validation samples, fewer than one micro-batch per data-parallel rank (train.micro_batch_size 16":
+            tiny_config(data, tmp_path / "v", train={"eval_every": 2, "micro_batch_size": 16}),
+    }
+    for expected, config in cases.items():
+        path = write_config(tmp_path / "c.yaml", config)
+        proc = subprocess.run([sys.executable, "-m", "fluidlm", "train", "--config", str(path)], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "deepspeed" not in proc.stderr.lower()
+
+
 # --- the runner (a subprocess) ---------------------------------------------------------------------
 
 def _runner(jobs_path: Path, out_path: Path) -> None:
@@ -402,6 +535,9 @@ def _runner(jobs_path: Path, out_path: Path) -> None:
                 results[job["name"]] = {"skipped": f"mount -t tmpfs failed ({mount.stderr.strip() or mount.returncode})"}
                 continue
             mounted = True
+        if "copy_from" in job:
+            shutil.copytree(runs_dir / job["copy_from"], run_dir)
+            flip_bytes(ck / job["flip"])
         for src, dst in zip(job.get("plant_incomplete", [])[::2], job.get("plant_incomplete", [])[1::2]):
             shutil.copytree(ck / src, ck / dst)
             (ck / dst / ckpt.CLIENT_JSON).unlink()

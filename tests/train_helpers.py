@@ -1,5 +1,6 @@
 """Helpers for the training tests: a tiny synthetic dataset in the shard format of
-fluidlm/data/shards.py (webdataset tars of tokens.npy + starts.npy, and manifest.json), the
+fluidlm/data/shards.py (webdataset tars of tokens.npy + starts.npy, and manifest.json with member
+checksums), the
 tiny test config, and a reader for metrics.jsonl."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from fluidlm.data.shards import member_crc32
 
 VOCAB = 256
 
@@ -59,11 +62,13 @@ def make_dataset(out: Path, seq_len: int = 64, samples: int = 96, samples_per_sh
                         info = tarfile.TarInfo(f"{i:010d}.{ext}")
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
-            shards.append({"file": name, "samples": count, "tokens": count * (seq_len + 1)})
+            shards.append({"file": name, "samples": count, "tokens": count * (seq_len + 1),
+                           "member_crc32": member_crc32(shard_dir / name)})
             if loss_mask:
                 shards[-1]["scored_targets"] = int(sum(scored[i * (seq_len + 1):(i + 1) * (seq_len + 1)].sum()
                                                        for i in range(first, first + count)))
-        manifest = {"format_version": 3 if loss_mask else 1, **({"loss_mask": True} if loss_mask else {}), "tokenizer": "synthetic", "tokenizer_sha256": "", "vocab_size": vocab,
+        manifest = {"format_version": 3 if loss_mask else 1, **({"loss_mask": True} if loss_mask else {}),
+                    "tokenizer": "synthetic", "tokenizer_sha256": "", "vocab_size": vocab,
                     "eos_id": 2, "seq_len": seq_len, "dtype": "uint16", "documents": len(starts),
                     "total_tokens": n_samples * (seq_len + 1), "total_samples": n_samples,
                     "dropped_tail_tokens": 0, "shards": shards}

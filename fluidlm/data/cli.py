@@ -1,4 +1,4 @@
-"""`fluidlm data …`: build the default corpus, train the tokenizer, write shards, or all three."""
+"""`fluidlm data …`: build the default corpus, train the tokenizer, write shards, or all three; verify shards."""
 
 from __future__ import annotations
 
@@ -115,6 +115,29 @@ def cmd_synthetic_passkey(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Every manifest under DIR (DIR/manifest.json, or DIR/*/manifest.json: a prepared data folder)."""
+    from fluidlm.data import DataError
+    from fluidlm.data.shards import verify_shards
+
+    root = Path(args.dir)
+    manifests = [root] if (root / "manifest.json").is_file() or root.name == "manifest.json" else \
+        sorted(p.parent for p in root.glob("*/manifest.json"))
+    if not manifests:
+        raise DataError(f"{root}: no manifest.json in it or in its subfolders; pass a shard folder or a data folder")
+    failed = 0
+    for manifest in manifests:
+        problems, s = verify_shards(manifest)
+        failed += bool(problems)
+        for problem in problems:
+            print(f"FAILED: {problem}", file=sys.stderr)
+        how = "sizes, counts and member crc32 checksums" if s["checksummed"] else \
+            "sizes and counts only (no member checksums: shards written before they existed; rebuild to add them)"
+        print(f"{'FAILED' if problems else 'ok'} {s['manifest']}: {s['shards']} shards, {s['samples']} samples, "
+              f"{s['tokens']:,} tokens read in {s['seconds']:.2f} s ({s['tokens_per_s']:,.0f} tokens/s); checked {how}")
+    return 2 if failed else 0
+
+
 def _guard(fn):
     def run(args):
         from fluidlm.data import DataError
@@ -155,6 +178,10 @@ def register(subparsers) -> None:
                    help="shuffle the packed samples across the whole corpus with this seed before filling the "
                         "shards (-1: keep corpus order, e.g. for a validation split read back as whole documents)")
     s.set_defaults(func=_guard(cmd_shards))
+
+    v = sub.add_parser("verify", help="read every shard back and check it against its manifest (checksums included)")
+    v.add_argument("dir", help="a shard folder (with manifest.json) or a data folder (train/, val/, ...)")
+    v.set_defaults(func=_guard(cmd_verify))
 
     r = sub.add_parser("prepare", help="corpus → tokenizer → train/val shards in one go (skips what is up to date)",
                        description="The default data, offline: this interpreter's standard library as the corpus "

@@ -20,6 +20,11 @@ Loss masks (format 3, `write_sample_shards`): a sample may also store `mask.npy`
 entry 0 is never a target). The manifest then says `"loss_mask": true` and every sample has one.
 Synthetic tasks (MQAR, passkey) use it to score only the answers; samples without a mask score
 every target, as before. Text shards (`write_shards`) stay format 2.
+
+truncated or inconsistent with the manifest is named in a `DataError`, never skipped. Manifests
+record each member's crc32 (`member_crc32`, in tar order; since this version, format 2 unchanged
+otherwise); every read checks them, naming the shard and the sample on a mismatch. `verify_shards`
+(`fluidlm data verify`) reads every shard of a manifest that way, offline.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import multiprocessing as mp
 import os
 import shlex
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +130,8 @@ def write_shards(documents, tokenizer_path: Path, seq_len: int, out: Path, sampl
             rows = packed[np.sort(chunk)]
             shards.append({"file": name, "samples": len(chunk), "tokens": len(chunk) * sample_len,
                            "bytes": (out / name).stat().st_size, "max_token_id": int(rows.max()),
-                           "documents": int(len(np.unique(np.concatenate([sample_docs[i] for i in chunk]))))})
+                           "documents": int(len(np.unique(np.concatenate([sample_docs[i] for i in chunk])))),
+                           "member_crc32": member_crc32(out / name)})
         del packed
     finally:
         spill_path.unlink(missing_ok=True)
@@ -170,7 +177,8 @@ def write_sample_shards(tokens: np.ndarray, loss_mask: np.ndarray, out: Path, vo
                               "mask.npy": loss_mask[first + i].astype(np.uint8)})
         shards.append({"file": name, "samples": len(rows), "tokens": int(rows.size), "bytes": (out / name).stat().st_size,
                        "max_token_id": int(rows.max()), "documents": len(rows),
-                       "scored_targets": int(loss_mask[first:first + len(rows)].sum())})
+                       "scored_targets": int(loss_mask[first:first + len(rows)].sum()),
+                       "member_crc32": member_crc32(out / name)})
     manifest = {
         "format_version": MASKED_MANIFEST_VERSION, "tokenizer": tokenizer,
         "tokenizer_sha256": tokenizer if tokenizer_sha256 is None else tokenizer_sha256,
@@ -181,6 +189,14 @@ def write_sample_shards(tokens: np.ndarray, loss_mask: np.ndarray, out: Path, vo
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def member_crc32(path: Path) -> list[int]:
+    """The crc32 of every member of a tar shard, in tar order (the manifest's `member_crc32`)."""
+    import webdataset as wds
+
+    with open(path, "rb") as f:
+        return [zlib.crc32(item["data"]) for item in wds.tariterators.tar_file_iterator(f)]
 
 
 def load_manifest(path: Path, tokenizer_path: Path | None = None) -> dict:
@@ -293,9 +309,12 @@ def _read_once(url: str, entry: dict, seq_len: int | None, timeout: float) -> di
     import webdataset as wds
 
     stream = _Counting(open_url(url, timeout))
-    samples, error = {}, None
+    samples, error, members = {}, None, []
+    check = "member_crc32" in entry
     try:
         for item in wds.tariterators.tar_file_iterator(stream):
+            if check:
+                members.append((item["fname"], zlib.crc32(item["data"])))
             key, _, ext = item["fname"].partition(".")
             try:
                 samples.setdefault(key, {})[ext] = np.load(io.BytesIO(item["data"]))
@@ -311,7 +330,7 @@ def _read_once(url: str, entry: dict, seq_len: int | None, timeout: float) -> di
         raise OSError(f"{tool} exit {status}") from error
     if error is not None:
         raise error
-    return {"samples": samples, "bytes": stream.bytes}
+    return {"samples": samples, "bytes": stream.bytes, "members": members}
 
 
 def _close(stream) -> int | None:
@@ -388,6 +407,14 @@ def _check(got: dict, entry: dict, seq_len: int | None) -> str | None:
             return f"sample {key}: mask.npy has shape {sample['mask.npy'].shape}, tokens.npy {sample['tokens.npy'].shape}"
     if entry.get("bytes") is not None and got["bytes"] != entry["bytes"]:
         return f"{got['bytes']} bytes read, the manifest says {entry['bytes']}"
+    expected = entry.get("member_crc32")
+    if expected is not None:
+        if len(expected) != len(got["members"]):
+            return f"holds {len(got['members'])} members, the manifest lists {len(expected)} checksums"
+        for (name, crc), want in zip(got["members"], expected):
+            if crc != want:
+                key, _, member = name.partition(".")
+                return f"sample {key}: its {member} fails its crc32 checksum (the manifest's member_crc32)"
     return None
 
 
@@ -397,3 +424,26 @@ def read_shard(root: Path, entry: dict) -> tuple[list, list]:
     manifest = {"root": str(root)}
     got = read_shard_samples(shard_url(manifest, entry), entry)
     return got["tokens"], got["starts"]
+
+
+def verify_shards(path: Path) -> tuple[list[str], dict]:
+    """Read every shard of the manifest at `path` (a manifest.json or its folder) as training does,
+    checking sample counts, sizes, shapes, token ids and member checksums: (problems, summary with
+    shards, samples, tokens, seconds, tokens_per_s, checksummed)."""
+    manifest = load_manifest(path)
+    problems, tokens, samples = [], 0, 0
+    start = time.perf_counter()
+    vocab = manifest.get("vocab_size")
+    for entry in manifest["shards"]:
+        try:
+            got = read_shard_samples(shard_url(manifest, entry), entry, manifest["seq_len"],
+                                     int(vocab) if vocab else None)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        samples += len(got["tokens"])
+        tokens += sum(len(t) for t in got["tokens"])
+    seconds = time.perf_counter() - start
+    return problems, {"manifest": manifest["path"], "shards": len(manifest["shards"]), "samples": samples,
+                      "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                      "checksummed": all("member_crc32" in e for e in manifest["shards"])}

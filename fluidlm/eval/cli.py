@@ -10,6 +10,9 @@ data prepare` (whole documents are rebuilt from the packed samples), or raw text
 and .jsonl files, tokenised with the training tokenizer. The data's tokenizer must be the one the
 model was trained with (sha256 checked).
 
+The --out folder is checked writable before any work; the checkpoint is verified (checksums) and
+read at once (a running training's rotation may delete it: a run folder is then read again at its
+newest checkpoint). Ctrl-C exits 130 with one line; results are written atomically (never half).
 Writes the JSON (--out), a PNG beside it (perplexity vs context; loss vs position per length),
 prints a table, and logs to MLflow (an eval run, child of the training run). Exit code 2 on bad
 input (missing checkpoint, tokenizer mismatch, a context length the model cannot run), with a
@@ -194,14 +197,13 @@ def run_task(args: argparse.Namespace) -> int:
 
     from fluidlm.eval import EvalError
     from fluidlm.eval import tasks
-    from fluidlm.eval.inputs import _candidate_data_dirs, load_model, resolve_checkpoint, training_tokenizer
+    from fluidlm.eval.inputs import _candidate_data_dirs, load_model, read_pinned, training_tokenizer
     from fluidlm.eval.perplexity import EvalSpec, check_context_lengths
-    from fluidlm.train.checkpoint_read import checkpoint_info
 
     t0 = time.perf_counter()
     try:
-        path = resolve_checkpoint(args.checkpoint)
-        info = checkpoint_info(path)
+        info, state = read_pinned(args.checkpoint)  # verified against its checksums, pinned against rotation
+        path = info.path
         model_cfg = info.config["model"]
         if model_cfg.get("direction", "causal") != "causal":
             raise EvalError(f"--task {args.task} reads the answer a causal model writes after the prompt; this checkpoint "
@@ -237,7 +239,8 @@ def run_task(args: argparse.Namespace) -> int:
             text = PasskeyText(load_tokenizer(tok_path))
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = load_model(info, torch.device("cpu"))
+        model = load_model(info, torch.device("cpu"), state)
+        del state
     except (EvalError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -268,17 +271,51 @@ def run_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_atomic(path: Path, write) -> Path:
+    """write(tmp) to a temporary name beside `path` (same suffix), then rename: an interrupted write
+    leaves no partial `path` behind."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    """The command; Ctrl-C exits 130 with one line (nothing half-written is left under --out)."""
+    from fluidlm.train.distributed import die_with_parent
+
+    die_with_parent()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): evaluation stopped, no results written", file=sys.stderr, flush=True)
+        return 130
+
+
+def _check_out(out: Path) -> None:
+    from fluidlm.eval import EvalError
+    from fluidlm.train.checks import check_writable
+    from fluidlm.train.config import ConfigError
+
+    try:
+        check_writable(out.parent, f"--out {out}: its folder {out.parent}")
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.task != "perplexity":
         return run_task(args)
     if args.context_lengths is None or args.data is None:
         print("error: --task perplexity needs --data and --context-lengths", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     from fluidlm.eval import EvalError
-    from fluidlm.eval.inputs import load_documents, load_model, resolve_checkpoint
+    from fluidlm.eval.inputs import load_documents, load_model, read_pinned
     from fluidlm.eval.perplexity import EvalSpec, apply_objective, check_context_lengths, evaluate
     from fluidlm.eval.report import format_table, plot
-    from fluidlm.train.checkpoint_read import checkpoint_info
 
     rank = int(os.environ.get("RANK", "0"))
     main = rank == 0
@@ -289,8 +326,13 @@ def run(args: argparse.Namespace) -> int:
                         mask_seed=args.mask_seed)
         if args.stream_chunk < 1 or args.batch_tokens < 1:
             raise EvalError("--stream-chunk and --batch-tokens must be positive")
-        path = resolve_checkpoint(args.checkpoint)
-        info = checkpoint_info(path)
+        if args.out and main:
+            _check_out(Path(args.out))
+        info, state = read_pinned(args.checkpoint)
+        path = info.path
+        out = Path(args.out) if args.out else (info.run_dir or Path(".")) / "eval" / "results.json"
+        if main:
+            _check_out(out)
         apply_objective(spec, info.config, args.mask_rate)  # masked_lm → masked-token perplexity; refuses leaked models
         if args.mask_rate is not None and spec.masking is None:
             raise EvalError("--mask-rate applies to masked-LM checkpoints only; this one is a causal LM")
@@ -302,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
 
         rank, world, device, created = init_process_group(args.device, threads=args.threads)
         main = rank == 0
-        model = load_model(info, device)
+        model = load_model(info, device, state)
+        del state
         if args.cp > 1 and (args.stream or world % args.cp or info.config["model"]["attention"] != "da"):
             raise EvalError(f"--cp {args.cp} needs a DA model, no --stream, and a number of processes it divides "
                             f"(got attention={info.config['model']['attention']!r}, stream={args.stream}, world {world})")
@@ -320,7 +363,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
-    out = Path(args.out) if args.out else (info.run_dir or Path(".")) / "eval" / "results.json"
     model_cfg = info.config["model"]
     train_len = int(info.config["data"]["seq_len"])
     if main:
@@ -350,11 +392,11 @@ def run(args: argparse.Namespace) -> int:
         report["seconds"] = time.perf_counter() - t0
         report["mlflow_eval_run_id"] = None
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         files = [out]
         if args.plot:
             try:
-                files.append(plot(report, out.with_suffix(".png")))
+                files.append(write_atomic(out.with_suffix(".png"), lambda tmp: plot(report, tmp)))
             except Exception as exc:  # a plot is never worth failing the evaluation
                 print(f"WARNING: plot failed ({type(exc).__name__}: {exc})", file=sys.stderr)
         print(format_table(report), flush=True)
@@ -363,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
 
             uri = args.tracking_uri or resolve_tracking_uri(info.config.get("logging", {}).get("tracking_uri"), info.run_dir)
             report["mlflow_eval_run_id"] = log_mlflow(report, files, uri, info)
-            out.write_text(json.dumps(report, indent=2))
+            write_atomic(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         print(f"results: {out}" + (f", {files[1]}" if len(files) > 1 else ""), flush=True)
     if world > 1 and created:
         import torch.distributed as dist

@@ -7,6 +7,7 @@ fluidlm/train/checkpoint_read.py's; rebuilding documents from shards is fluidlm/
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -34,17 +35,47 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_model(info: CheckpointInfo, device: torch.device):
-    """The dense FluidLM of a checkpoint, in eval mode on `device` (no DeepSpeed engine)."""
+PIN_ATTEMPTS = 3
+
+
+def read_pinned(path: str | Path) -> tuple[CheckpointInfo, dict]:
+    """(info, dense fp32 state) of the checkpoint `path` names (see resolve_checkpoint), verified and
+    read at once. A running training may rotate that checkpoint away meanwhile (checkpoint.keep): when
+    its folder vanished, a run or checkpoints/ folder is resolved again (the newest complete
+    checkpoint, up to PIN_ATTEMPTS times); a step_* folder named directly is an error saying so."""
+    from fluidlm.train.checkpoint_read import CheckpointError, checkpoint_info, read_checkpoint_state
+
+    for _ in range(PIN_ATTEMPTS):
+        found = resolve_checkpoint(path)
+        try:
+            info = checkpoint_info(found)
+            _, state, info.source = read_checkpoint_state(found)
+            return info, state
+        except (CheckpointError, OSError) as exc:
+            if found.exists():
+                raise EvalError(str(exc)) from None
+            if found.resolve() == Path(path).resolve():
+                raise EvalError(f"--checkpoint {path} was deleted while it was read (a running training keeps only "
+                                "its newest checkpoint.keep checkpoints); pass the run folder to read its newest "
+                                "checkpoint") from None
+            print(f"note: {found} was rotated away while it was read; reading the newest checkpoint again",
+                  file=sys.stderr, flush=True)
+    raise EvalError(f"--checkpoint {path}: its newest checkpoint was rotated away {PIN_ATTEMPTS} times while it was "
+                    "read; try again, or copy a checkpoint elsewhere first")
+
+
+def load_model(info: CheckpointInfo, device: torch.device, state: dict | None = None):
+    """The dense FluidLM of a checkpoint, in eval mode on `device` (no DeepSpeed engine); `state`:
+    its dense state dict when already read (read_pinned)."""
     from fluidlm.model import FluidLM
     from fluidlm.model.config import ModelConfig
     from fluidlm.train.checkpoint_read import CheckpointError, read_checkpoint_state
 
-    try:
-        _, state, source = read_checkpoint_state(info.path)
-    except CheckpointError as exc:
-        raise EvalError(str(exc)) from None
-    info.source = source
+    if state is None:
+        try:
+            _, state, info.source = read_checkpoint_state(info.path)
+        except CheckpointError as exc:
+            raise EvalError(str(exc)) from None
     model = FluidLM(ModelConfig.model_validate(info.config["model"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]

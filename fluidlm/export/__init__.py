@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,64 +91,102 @@ def hf_config(model_config: dict, *, dtype: str, step: int | None = None, source
     }
 
 
+def check_out(out: Path, force: bool) -> None:
+    """--out may be new, empty, or (with --force) anything; without --force a folder that holds an
+    export or any other file is refused. Then it must be writable. ExportError otherwise."""
+    from fluidlm.train.checks import check_writable
+    from fluidlm.train.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
+    if not force and out.is_dir():
+        if (out / WEIGHTS).exists():
+            raise ExportError(f"--out {out} already holds an export ({WEIGHTS}); pass --force to overwrite it")
+        others = sorted(p.name for p in out.iterdir())
+        if others:
+            raise ExportError(f"--out {out} is not empty and holds no export ({', '.join(others[:5])}"
+                              f"{', …' if len(others) > 5 else ''}); export into a new or empty folder, or pass "
+                              "--force to write the export's files beside those (files of the same name are replaced)")
+    try:
+        check_writable(out, f"--out {out}")
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", tokenizer: str | Path | None = None,
                       force: bool = False) -> ExportResult:
     """Write the folder above from a checkpoint (a step_* folder, a checkpoints/ folder, a run folder
-    or a universal checkpoint). Raises ExportError (or EvalError from the reader) on bad input."""
+    or a universal checkpoint), read pinned (eval's read_pinned: verified, and read again if a running
+    training rotates it away). Files are written under temporary names and renamed, model.safetensors
+    last (an existing one is removed first): an interrupted export never looks complete (is_export).
+    Raises ExportError (or EvalError from the reader) on bad input."""
     import torch
 
-    from fluidlm.eval.inputs import load_model, resolve_checkpoint, training_tokenizer
-    from fluidlm.train.checkpoint_read import checkpoint_info
+    from fluidlm.eval.inputs import load_model, read_pinned, training_tokenizer
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     st = _safetensors()
     out = Path(out)
-    if (out / WEIGHTS).exists() and not force:
-        raise ExportError(f"--out {out} already holds an export ({WEIGHTS}); pass --force to overwrite it")
-    path = resolve_checkpoint(checkpoint)
-    info = checkpoint_info(path)
-    model = load_model(info, torch.device("cpu"))
+    check_out(out, force)
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise ExportError(f"--tokenizer {tokenizer}: no such file")
+    info, dense = read_pinned(checkpoint)
+    model = load_model(info, torch.device("cpu"), dense)
+    del dense
     check_exportable(model.config)
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     # FluidLM's state dict holds the tied embedding/head once (embed.weight); contiguous copies, no sharing.
     state = {k: v.detach().to(torch_dtype if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    out.mkdir(parents=True, exist_ok=True)
-    st.save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "fluidlm_step": str(info.step),
-                                                   "dtype": DTYPES[dtype]})
     model_config = model.config.model_dump(mode="json")
-    (out / CONFIG).write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step, source=str(path)), indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": PAD_ID, "use_cache": True, "do_sample": False}, indent=2))
-    for name in MODEL_FILES:
-        shutil.copyfile(HF_DIR / name, out / name)
-    files = [WEIGHTS, CONFIG, "generation_config.json", *MODEL_FILES]
     notes = []
     if tokenizer is not None:
-        tok_path, where = Path(tokenizer), f"--tokenizer {tokenizer}"
-        if not tok_path.is_file():
-            raise ExportError(f"--tokenizer {tokenizer}: no such file")
+        tok_path = Path(tokenizer)
     else:
         _, tok_path, where = training_tokenizer(info)
         where = f"the training data ({where})" if tok_path is not None else where
-    copied = None
-    if tok_path is not None:
-        from fluidlm.export.tokenizer import write_hf_tokenizer
+        if tok_path is None:
+            notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "
+                         f"model the checkpoint was trained with to {out / TOKENIZER}, or pass --tokenizer PATH")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out))  # tokenizer.json & co., moved in like the rest
+    try:
+        tokenizer_files = []
+        if tok_path is not None:
+            from fluidlm.export.tokenizer import write_hf_tokenizer
 
-        shutil.copyfile(tok_path, out / TOKENIZER)
-        try:
-            tokenizer_files = write_hf_tokenizer(tok_path, out, model_max_length=model.config.max_seq_len)
-        except (RuntimeError, OSError) as exc:  # sentencepiece's error for a file that is not a model
-            raise ExportError(f"the tokenizer {tok_path} ({where}) is not a sentencepiece model ({exc}); "
-                              "pass the one the checkpoint was trained with as --tokenizer PATH") from None
-        files += [TOKENIZER, *tokenizer_files]
-        copied = str(tok_path)
-    else:
-        notes.append(f"no tokenizer copied: the training tokenizer was not found ({where}); copy the sentencepiece "
-                     f"model the checkpoint was trained with to {out / TOKENIZER}, or pass --tokenizer PATH")
-    return ExportResult(out=out, files=files, tokenizer=copied, notes=notes, parameters=model.num_parameters(),
-                        source=info.source)
+            try:
+                tokenizer_files = write_hf_tokenizer(tok_path, staging, model_max_length=model.config.max_seq_len)
+            except (RuntimeError, OSError) as exc:  # sentencepiece's error for a file that is not a model
+                raise ExportError(f"the tokenizer {tok_path} ({where}) is not a sentencepiece model ({exc}); "
+                                  "pass the one the checkpoint was trained with as --tokenizer PATH") from None
+        (out / WEIGHTS).unlink(missing_ok=True)  # what marks a folder as an export goes first, comes back last
+        writers = {
+            CONFIG: lambda tmp: tmp.write_text(json.dumps(hf_config(model_config, dtype=dtype, step=info.step,
+                                                                    source=str(info.path)), indent=2)),
+            "generation_config.json": lambda tmp: tmp.write_text(json.dumps(
+                {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": PAD_ID, "use_cache": True, "do_sample": False},
+                indent=2)),
+            **{name: (lambda tmp, name=name: shutil.copyfile(HF_DIR / name, tmp)) for name in MODEL_FILES},
+            **({TOKENIZER: lambda tmp: shutil.copyfile(tok_path, tmp)} if tok_path is not None else {}),
+            **{name: (lambda tmp, name=name: shutil.copyfile(staging / name, tmp)) for name in tokenizer_files},
+            WEIGHTS: lambda tmp: st.save_file(state, str(tmp), metadata={"format": "pt", "fluidlm_step": str(info.step),
+                                                                         "dtype": DTYPES[dtype]}),
+        }
+        for name, write in writers.items():
+            tmp = out / f".{name}.tmp"
+            try:
+                write(tmp)
+                tmp.replace(out / name)
+            finally:
+                tmp.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = [WEIGHTS, CONFIG, "generation_config.json", *MODEL_FILES]
+    files += [TOKENIZER, *tokenizer_files] if tok_path is not None else []
+    return ExportResult(out=out, files=files, tokenizer=str(tok_path) if tok_path is not None else None, notes=notes,
+                        parameters=model.num_parameters(), source=info.source)
 
 
 def read_config(path: str | Path) -> dict:

@@ -23,8 +23,9 @@ Checked first (exit code 2 and a message on failure, within seconds, never a han
   - the config (schema, overrides) and its layout for N×G ranks (world divisible by tp×pp, model
     divisible by tp), the NCCL backend only with CUDA, G ≤ the GPUs of this node;
   - the data folder: manifest and every listed shard readable;
-  - the run folder: writable (a test file is created and removed); the checkpoint --resume auto
-    would load (complete, saved with the same world size and layout, not already at train.steps);
+  - the run folder: writable (a test file is created and removed), not locked by a running
+    training; the checkpoint --resume auto would load (complete, its checksums verified, saved with
+    the same world size and layout, not already at train.steps);
   - the rendezvous endpoint: HOST:PORT well-formed (port 1-65535), HOST resolves (5 s limit);
     on node rank 0, which hosts the rendezvous store, HOST must be an address of this machine and
     PORT free; on other nodes, the endpoint must accept connections within --join-timeout.
@@ -41,7 +42,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -186,16 +186,18 @@ def check_training(config_path: str, overrides: list[str], world: int, nproc: in
             raise LaunchError(f"data.dir={config.data.dir!r}: shard {str(path)!r} is missing or unreadable on this "
                               f"node ({socket.gethostname()}); every node needs the data (a shared file system)")
 
-    # The run folder (checkpoints, metrics.jsonl) must be writable, and shared by all nodes.
-    run_dir = config.run_dir
-    probe = run_dir / f".launch-write-test-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # The run folder (checkpoints, metrics.jsonl) must be writable, shared by all nodes, and not in use.
+    from fluidlm.train.checks import check_writable
+    from fluidlm.train.runlock import holder
+
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise LaunchError(f"train.run_dir={config.train.run_dir!r} is not writable from this node ({exc}); "
-                          "checkpoints go there: use a folder on a file system every node can write") from None
+        check_writable(config.run_dir, f"train.run_dir={config.train.run_dir!r} (from {socket.gethostname()})")
+    except ConfigError as exc:
+        raise LaunchError(f"{exc}; checkpoints go there: use a folder on a file system every node can write") from None
+    busy = holder(config.run_dir)
+    if busy is not None:
+        raise LaunchError(f"train.run_dir={config.train.run_dir!r} is in use by another training ({busy}); one run "
+                          "folder has one writer: wait for it or stop it, or choose another train.run_dir")
 
     resume_from = None
     try:

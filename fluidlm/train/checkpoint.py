@@ -9,8 +9,10 @@ Layout of `<run_dir>/checkpoints/`:
                                      (ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank)
       zero_pp_rank_R_mp_rank_00_optim_states.pt   DeepSpeed: ZeRO optimizer shard of DP rank R
                                      (bf16 runs: bf16_zero_pp_rank_R_…, even at ZeRO stage 0)
-      client/rank_00000.pt           this rank's RNG states (python, numpy, torch, CUDA) and loader
+      client/rank_00000.pt           this rank's step, RNG states (python, numpy, torch, CUDA) and loader
                                      position: plain tensors/ints, loadable with weights_only=True
+      checksums.json                 size and sha256 of every file above (fluidlm/train/checksums.py);
+                                     each rank hashes its share, rank 0 writes it before client_state.json
       client_state.json              step, tokens seen, MLflow run id, world size, resolved config;
                                      written by rank 0 after every rank finished: marks completeness
     .tmp-step_00000300/              a save in progress (or killed): never read, removed on next save
@@ -55,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluidlm.train.checksums import digests, payload_files, write_manifest
 from fluidlm.train.checkpoint_read import (CLIENT_JSON, TAG_RE, CheckpointError, _log, complete_checkpoints, problems,
                                            read_meta)
 
@@ -155,19 +158,29 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, keep: 
     if not errors:
         try:
             (tmp / "client").mkdir(parents=True, exist_ok=True)
-            torch.save(rank_state, tmp / "client" / f"rank_{rank:05d}.pt")
+            torch.save({**rank_state, "step": step}, tmp / "client" / f"rank_{rank:05d}.pt")
         except Exception as exc:  # noqa: BLE001
             errors.append(f"{tmp / 'client'}: {_describe(exc)}")
-    # Two small all-reduces: did every rank write its files? then: did rank 0 write client_state.json?
-    if rank == 0 and not _agree([float(bool(errors))])[0]:
+    # Did every rank write its files? Then each hashes its share of them, and rank 0 writes the
+    # manifest (checksums.json) and, last, client_state.json, which marks the folder complete.
+    if not _agree([float(bool(errors))])[0]:
+        names = [payload_files(tmp) if rank == 0 else None]
+        dist.broadcast_object_list(names, src=0)
+        share = {}
         try:
-            meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "world_size": world,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            _write_atomic(tmp / CLIENT_JSON, json.dumps(meta, indent=2))  # marks the folder complete
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"{tmp / CLIENT_JSON}: {_describe(exc)}")
-    elif rank != 0:
-        _agree([float(bool(errors))])
+            share = digests(tmp, names[0][rank::world])
+        except Exception as exc:  # noqa: BLE001 - a file that vanished or cannot be read
+            errors.append(f"{tmp}: hashing failed: {_describe(exc)}")
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+        if rank == 0 and not errors:
+            try:
+                write_manifest(tmp, {name: entry for part in shares for name, entry in part.items()})
+                meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "world_size": world,
+                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                _write_atomic(tmp / CLIENT_JSON, json.dumps(meta, indent=2))  # marks the folder complete
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{tmp / CLIENT_JSON}: {_describe(exc)}")
     if _agree([float(bool(errors))])[0]:
         partial = folder_size(tmp) if tmp.exists() else 0
         full = shutil.disk_usage(ckpt_dir).free < FULL_BYTES  # torch's writer says "unexpected pos", not ENOSPC
@@ -316,15 +329,23 @@ def load(engine, path: Path) -> tuple[dict, dict]:
 
     path = Path(path)
     rank = dist.get_rank()
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
     try:
         rank_state = torch.load(path / "client" / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}/client/rank_{rank:05d}.pt is unreadable ({exc})") from None
-    return read_meta(path), rank_state
+    meta = read_meta(path)
+    # The step as DeepSpeed's files and this rank's state recorded it must be the one client_state.json says.
+    recorded = {"DeepSpeed's model states (fluidlm_step)": (client_state or {}).get("fluidlm_step"),
+                f"client/rank_{rank:05d}.pt": rank_state.get("step")}
+    for where, step in recorded.items():
+        if step is not None and int(step) != int(meta["step"]):
+            raise CheckpointError(f"{path} is inconsistent: {where} is of step {step}, {CLIENT_JSON} says step "
+                                  f"{meta['step']}; resume from another checkpoint (--resume PATH)")
+    return meta, rank_state
 
 
 def _write_atomic(path: Path, text: str) -> None:

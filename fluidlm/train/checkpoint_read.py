@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fluidlm.train.checksums import verify
+
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 CLIENT_JSON = "client_state.json"
 UNIVERSAL_JSON = "universal.json"
@@ -102,27 +104,59 @@ def latest(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def newest_verified(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` finds (see there) if it verifies (fluidlm/train/checksums.py), else the
+    newest complete one that does, with a warning naming what failed; None if there is none at all.
+    CheckpointError when checkpoints exist but none verifies."""
+    first = latest(ckpt_dir)
+    if first is None:
+        return None
+    refused = []
+    for path in [first] + [p for p in reversed(complete_checkpoints(ckpt_dir)) if p != first]:
+        issues, _ = verify(path)
+        if not issues:
+            if refused:
+                _log(f"WARNING: falling back to {path.name}, the newest checkpoint that verifies")
+            return path
+        refused.append(f"{path.name}: {'; '.join(issues)}")
+        _log(f"WARNING: {path} fails verification ({'; '.join(issues)}); trying the next newest complete checkpoint")
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies ({' | '.join(refused)}); they are corrupt or were "
+                          "changed after they were saved: pass --resume PATH with a good copy, or choose another "
+                          "train.run_dir to start fresh")
+
+
+def verified(path: Path, what: str) -> Path:
+    """`path` if it verifies, else CheckpointError naming `what` (e.g. "--resume X") and the file."""
+    issues, _ = verify(path)
+    if issues:
+        raise CheckpointError(f"{what}: {path} fails verification ({'; '.join(issues)}); it is corrupt or was "
+                              "changed after it was saved: use another checkpoint (`fluidlm checkpoint verify` "
+                              "checks them all)")
+    return path
+
+
 def resolve_resume(resume: str | None, ckpt_dir: Path, argument: str = "--resume") -> Path | None:
-    """--resume auto → newest complete checkpoint of this run (None: start fresh); --resume PATH →
-    that checkpoint (a step_* folder, a checkpoints/ folder or a run folder). Raises CheckpointError,
-    whose message names `argument` (the option or argument that gave `resume`)."""
+    """--resume auto → newest complete checkpoint of this run that verifies (None: start fresh);
+    --resume PATH → that checkpoint (a step_* folder, a checkpoints/ folder or a run folder), which
+    must verify. Raises CheckpointError, whose message names `argument` (the option or argument that
+    gave `resume`)."""
     if resume is None:
         return None
     if resume == "auto":
-        return latest(ckpt_dir)
+        return newest_verified(ckpt_dir)
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"{argument} {resume}: no such checkpoint")
     if (path / "universal.json").is_file():  # made by `fluidlm checkpoint convert` (fluidlm/train/universal.py)
-        return path
+        return verified(path, f"{argument} {resume}")
     if (path / CLIENT_JSON).exists() or TAG_RE.match(path.name) or path.name.startswith(".tmp-"):
         issues = problems(path)
         if issues:
             raise CheckpointError(f"{argument} {resume}: not a complete checkpoint ({'; '.join(issues)})")
-        return path
+        return verified(path, f"{argument} {resume}")
     for folder in (path, path / "checkpoints"):
         if (folder / "latest").is_file() or complete_checkpoints(folder):
-            found = latest(folder)
+            found = newest_verified(folder)
             if found is not None:
                 return found
     raise CheckpointError(f"{argument} {resume}: no checkpoint there (expected a step_* folder, a checkpoints/ folder "

@@ -93,3 +93,54 @@ def check_resume(resume_from, config, world: int) -> None:
     if step >= config.train.steps:
         raise CheckpointError(f"{resume_from} is at step {step}, already at train.steps={config.train.steps}; "
                               "raise train.steps to train further")
+
+
+def check_writable(folder, what: str) -> None:
+    """`folder` exists or can be made, and a file can be written in it (OSError → ConfigError naming
+    `what`, e.g. "train.run_dir='runs/x'"). Folders it had to make for the test are removed again."""
+    import os
+    import shutil
+    import socket
+    import uuid
+    from pathlib import Path
+
+    from fluidlm.train.config import ConfigError
+
+    folder = Path(folder).absolute()
+    first_missing = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
+    except OSError as exc:
+        raise ConfigError(f"{what} is not writable ({exc.strerror or exc}: {exc.filename or folder}); choose a "
+                          "folder you can write to") from None
+
+
+def check_validation(config, world: int) -> None:
+    """With train.eval_every, the validation split holds a micro-batch for every data-parallel rank
+    (ConfigError otherwise), as fluidlm/train/validation.py needs."""
+    from fluidlm.data import DataError
+    from fluidlm.data.shards import load_manifest
+    from fluidlm.parallel.topology import Layout
+    from fluidlm.train.config import ConfigError
+
+    t = config.train
+    if not t.eval_every:
+        return
+    layout = Layout.from_world(world, config.parallel.tp, config.parallel.pp, config.parallel.cp)
+    per_round = t.micro_batch_size * layout.dp * (t.grad_accum if layout.pp > 1 else 1)
+    path = config.manifest_path(config.data.val_split)
+    try:
+        samples = sum(int(s["samples"]) for s in load_manifest(path)["shards"])
+    except DataError as exc:
+        raise ConfigError(f"train.eval_every={t.eval_every} needs the validation split (data.val_split="
+                          f"{config.data.val_split!r}): {exc}") from None
+    if samples < per_round:
+        raise ConfigError(f"train.eval_every={t.eval_every}: {path} holds {samples} validation samples, fewer than one "
+                          f"micro-batch per data-parallel rank (train.micro_batch_size {t.micro_batch_size} × dp "
+                          f"{layout.dp}{' × grad_accum' if layout.pp > 1 else ''} = {per_round}); lower "
+                          "train.micro_batch_size, use a larger validation split or set train.eval_every=0")

@@ -4,8 +4,10 @@ One process: `fluidlm train --config configs/tiny-cpu.yaml`.
 Many: `torchrun --nproc-per-node=N -m fluidlm.train --config ...` (same arguments).
 
 Everything that can be checked before a process group exists is checked first (config schema,
-data folder, checkpoint to resume): a bad config fails in about a second with exit code 2 and a
-message naming the field, without a traceback.
+data folder, validation split, run folder writable and not in use by another training, checkpoint
+to resume and its checksums): a bad config fails in about a second with exit code 2 and a message
+naming the field, without a traceback. Rank 0 holds the run folder's lock (fluidlm/train/runlock.py)
+until it exits; under torchrun every worker dies with its agent (die_with_parent).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def register(subparsers) -> None:
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no process group. Returns (config, checkpoint or None)."""
     from fluidlm.train.checkpoint_read import CheckpointError, complete_checkpoints, resolve_resume
-    from fluidlm.train.checks import check_layout, check_resume
+    from fluidlm.train import runlock
+    from fluidlm.train.checks import check_layout, check_resume, check_validation, check_writable
     from fluidlm.train.config import load_config, preflight
 
     config = load_config(args.config, args.overrides)
@@ -49,6 +52,10 @@ def prepare(args: argparse.Namespace):
     preflight(config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(config, world)
+    check_validation(config, world)
+    check_writable(config.run_dir, f"train.run_dir={config.train.run_dir!r}")
+    if os.environ.get("RANK", "0") == "0":  # one writer per run folder: held until this process ends
+        runlock.acquire(config.run_dir)
     resume_from = resolve_resume(args.resume, config.checkpoint_dir)  # checks the checkpoint is complete
     if args.resume is None and complete_checkpoints(config.checkpoint_dir):
         raise CheckpointError(f"train.run_dir={config.train.run_dir!r} already holds checkpoints; pass --resume auto "
@@ -64,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from fluidlm.data import DataError
     from fluidlm.train.checkpoint_read import CheckpointError
     from fluidlm.train.config import ConfigError, dump_yaml
+    from fluidlm.train.distributed import die_with_parent
+    from fluidlm.train.runlock import RunLockError
 
     rank = int(os.environ.get("RANK", "0"))
+    die_with_parent()
     try:
         config, resume_from = prepare(args)
-    except (ConfigError, CheckpointError, DataError) as exc:
+    except (ConfigError, CheckpointError, DataError, RunLockError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     if args.print_config:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +119,27 @@ def init_process_group(device_choice: str = "auto", threads: int | None = None) 
     if device.type == "cpu":
         _set_cpu_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     return rank, world, device, created
+
+
+def die_with_parent() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), have the kernel SIGKILL this worker when its agent
+    dies (prctl PR_SET_PDEATHSIG): an agent killed with SIGKILL cannot stop its workers, and orphans
+    would keep training beside a restart. A worker whose agent is already gone exits at once. Linux
+    only; elsewhere a no-op. (SIGKILL, not SIGTERM: with no agent nobody would reap a worker hung in
+    a collective whose peers are gone; the newest checkpoint is what a restart continues from.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
 
 
 def _device(cuda: bool, local_rank: int) -> torch.device:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from fluidlm.train.checksums import write_checksums
 from fluidlm.train.checkpoint_read import (UNIVERSAL_JSON, CheckpointError, dense_name, gather_checkpoint, is_universal,
                                            read_info, resolve_resume, split_dim)
 
@@ -62,6 +63,7 @@ def convert(src: Path, out: Path) -> Path:
             "adam_step": adam_step, "global_samples": meta["step"] * accum * micro * dp,
             "mlflow_run_id": meta.get("mlflow_run_id"), "source": {**source, "path": str(src)},
             "config": meta["config"], "parameters": sorted(full)}
+    write_checksums(tmp)  # before universal.json, which marks the folder complete
     (tmp / UNIVERSAL_JSON).write_text(json.dumps(info, indent=2))
     tmp.rename(final)
     return final

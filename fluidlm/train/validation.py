@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fluidlm.data import DataError
 from fluidlm.data.shards import load_manifest, read_shard_samples, shard_url
 from fluidlm.train.batches import Objective, batch_to_inputs, pipeline_batches, split_batch
 
@@ -48,7 +49,7 @@ def validation_batches(manifest_path: Path, eval_tokens: int, micro_batch_size: 
         if len(tokens) >= need:
             break
     if len(tokens) < per_round:
-        raise ValueError(f"{manifest_path}: {len(tokens)} validation samples, fewer than one micro-batch per "
+        raise DataError(f"{manifest_path}: {len(tokens)} validation samples, fewer than one micro-batch per "
                          f"data-parallel rank ({per_round}); use a larger validation split or set train.eval_every=0")
     have = len(tokens) // per_round * per_round
     batches = []
