@@ -254,7 +254,9 @@ def _launch_backward(fq, fk, v, g, seg, dnum, dden, strict, chunk_size, prec):
     seg_arg = seg if seg is not None else g
     meta = dict(BT=bt, BK=bk, BV=bv, STRICT=strict, HAS_SEG=seg is not None, PREC=prec, num_warps=warps)
     _bwd_dq_kernel[(b * h, nv)](fq, fk, v, g, seg_arg, dnum, dden, dq, n, k, dv, b * h, **meta)
-    _bwd_dkv_kernel[(b * h, nv)](fq, fk, v, g, seg_arg, dnum, dden, dk, dvv, n, k, dv, b * h, **meta)
+    # one pipeline stage at d = 128: with the default three dkv over-filled shared memory (sm_90 and sm_80)
+    _bwd_dkv_kernel[(b * h, nv)](fq, fk, v, g, seg_arg, dnum, dden, dk, dvv, n, k, dv, b * h, **meta,
+                                 num_stages=1 if bk * bv > 4096 else 3)
     dq = dq.sum(0) if nv > 1 else dq[0]
     dk = dk.sum(0) if nv > 1 else dk[0]
     return dq, dk, dvv

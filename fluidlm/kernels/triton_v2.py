@@ -502,12 +502,15 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-def blocks(d: int, dv: int, chunk_size: int) -> dict:
+def blocks(d: int, dv: int, chunk_size: int, fp32: bool = False) -> dict:
     """Tile sizes: BT tokens per chunk; (BKS, BVS) summary/combine tiles; BV of the V-split kernels
-    (full K in registers: fwd, dv); BK of the K-split kernels (full V: dq, dk)."""
+    (full K in registers: fwd, dv); BK of the K-split kernels (full V: dq, dk). BTF: the chunk of fwd and
+    dv, 32 tokens for fp32 at head dims > 128 (3xTF32 stages hi and lo halves of their full-K tiles: 256 KiB
+    at 64 tokens); a kernel's chunks need not match the others', only the segments do."""
     bkf, bvf = _pow2(d), _pow2(dv)
+    bt = min(_pow2(chunk_size), _MAX_BT)
     return dict(
-        BT=min(_pow2(chunk_size), _MAX_BT), BKF=bkf, BVF=bvf,
+        BT=bt, BTF=min(bt, 32) if fp32 and max(bkf, bvf) > 128 else bt, BKF=bkf, BVF=bvf,
         BKS=min(bkf, _MAX_BK), BVS=min(bvf, _MAX_BV),
         BV=min(bvf, _MAX_BV, 64 if bkf <= 128 else 32),
         BK=min(bkf, _MAX_BK, 64 if bvf <= 128 else 32),
@@ -523,10 +526,10 @@ def choose_segment_chunks(tokens: int, heads: int, n_v: int, bt: int, target: in
 
 
 def plan(b: int, h: int, n: int, d: int, dv: int, *, chunk_size: int = 64, causal: bool = True,
-         n_docs: int | None = None, segment_chunks: int | None = None) -> dict:
+         n_docs: int | None = None, segment_chunks: int | None = None, fp32: bool = False) -> dict:
     """The launches of one forward and one backward (grids and segment geometry), computed, not measured.
     n_docs=None: one document per row (no cu_seqlens)."""
-    blk = blocks(d, dv, chunk_size)
+    blk = blocks(d, dv, chunk_size, fp32)
     packed = n_docs is not None
     n_docs = b if n_docs is None else n_docs
     nv = triton.cdiv(dv, blk["BV"])
@@ -552,9 +555,11 @@ def launch_config(kernel: str, d: int, dv: int, dtype: torch.dtype) -> dict:
     compiles of bench/kernels_compile.py (bench/results/kernels_compile.md): two pipeline stages fit every
     tile in shared memory (the default three put fp32 d=128 and bf16 d=256 over the H100's 227 KiB), and
     eight warps halve the registers per thread where a full 128- or 256-wide tile is held (four warps spill
-    there). The dk kernel keeps one stage: the most live tiles (fq, φ(k), v, do, dA, dφk and the state)."""
-    wide = max(d, dv) > 64 or dtype == torch.float32
-    return dict(num_warps=8 if wide else 4, num_stages=1 if kernel == "dk" else 2)
+    there). The dk kernel and fp32 keep one stage: dk has the most live tiles (fq, φ(k), v, do, dA, dφk and
+    the state), and fp32 at d = 128 over-filled the A100's 163 KiB with two."""
+    fp32 = dtype == torch.float32  # 3xTF32 splits every operand in two: twice the staged tiles
+    wide = max(d, dv) > 64 or fp32
+    return dict(num_warps=8 if wide else 4, num_stages=1 if kernel == "dk" or fp32 else 2)
 
 
 class _Geometry:
@@ -570,7 +575,8 @@ class _Geometry:
             cu = cu_seqlens.to(device=dev, dtype=torch.int64)
         n_docs = cu.shape[0] - 1
         p = plan(b, h, n, d, dv, chunk_size=chunk_size, causal=causal,
-                 n_docs=None if cu_seqlens is None else n_docs, segment_chunks=segment_chunks)
+                 n_docs=None if cu_seqlens is None else n_docs, segment_chunks=segment_chunks,
+                 fp32=q.dtype == torch.float32)
         self.user_cu = cu_seqlens
         self.upcast = _upcast(q)
         self.dtype = q.dtype
@@ -640,7 +646,7 @@ def _upcast(x) -> bool:
 
 
 def _meta(geo, kernel, fm, prec, **kw):
-    return dict(BT=geo.blocks["BT"], FM=fm, PREC=prec, UPCAST=geo.upcast,
+    return dict(BT=geo.blocks["BTF" if kernel in ("fwd", "dv") else "BT"], FM=fm, PREC=prec, UPCAST=geo.upcast,
                 **launch_config(kernel, geo.d, geo.dv, geo.dtype), **kw)
 
 
