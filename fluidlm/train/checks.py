@@ -99,7 +99,6 @@ def check_writable(folder, what: str) -> None:
     """`folder` exists or can be made, and a file can be written in it (OSError → ConfigError naming
     `what`, e.g. "train.run_dir='runs/x'"). Folders it had to make for the test are removed again."""
     import os
-    import shutil
     import socket
     import uuid
     from pathlib import Path
@@ -113,8 +112,14 @@ def check_writable(folder, what: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
-        if first_missing is not None:
-            shutil.rmtree(first_missing, ignore_errors=True)
+        if first_missing is not None:  # only folders still empty: a concurrent run may be filling them now
+            for made in [folder, *folder.parents]:
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+                if made == first_missing:
+                    break
     except OSError as exc:
         raise ConfigError(f"{what} is not writable ({exc.strerror or exc}: {exc.filename or folder}); choose a "
                           "folder you can write to") from None
