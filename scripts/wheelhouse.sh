@@ -50,11 +50,15 @@ command -v "$BUILDER" >/dev/null || { echo "wheelhouse.sh: builder python '$BUIL
 # The builds run without isolation, so the builder itself must hold what they import.
 MISSING=$("$BUILDER" - <<'PY'
 import importlib.util
-missing = [name for name in ("pip", "setuptools", "wheel", "torch") if importlib.util.find_spec(name) is None]
-if importlib.util.find_spec("setuptools") is not None:
+try:  # first: a find_spec("pip") makes setuptools' distutils shim step aside, and `import setuptools` then fails
     import setuptools
-    if int(setuptools.__version__.split(".")[0]) < 68:
-        missing.append(f"setuptools>=68 (it has {setuptools.__version__})")
+    old = int(setuptools.__version__.split(".")[0]) < 68
+except ImportError:
+    setuptools = old = None
+missing = [name for name in ("pip", "setuptools", "wheel", "torch")
+           if (setuptools is None if name == "setuptools" else importlib.util.find_spec(name) is None)]
+if old:
+    missing.append(f"setuptools>=68 (it has {setuptools.__version__})")
 print(" ".join(missing))
 PY
 )

@@ -181,3 +181,13 @@ def test_wheelhouse_defaults_to_the_checkouts_venv_and_names_a_missing_build_req
     assert f"{clone}/.venv/bin/python lacks: pip setuptools wheel torch" in proc.stderr, proc.stderr
     assert "bash scripts/setup.sh" in proc.stderr and "downloading" not in proc.stdout
     assert not (tmp_path / "wh").exists()
+
+
+def test_wheelhouse_builder_check_runs_in_this_environment():
+    """The builder check of scripts/wheelhouse.sh, run by this interpreter (a venv made by setup.sh, as on
+    a fresh clone): it names nothing missing and raises nothing (it once imported setuptools after
+    find_spec("pip"), which makes setuptools' distutils shim fail with an AssertionError)."""
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "wheelhouse.sh").read_text()
+    snippet = text.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    out = subprocess.run([sys.executable, "-"], input=snippet, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
